@@ -1,0 +1,184 @@
+"""`DirectPredictor`: the DirectPred predictor head, set from feature statistics instead of trained.
+
+Symbols (Tian, Chen, Ganguli, ICML 2021), defined once:
+    z     predictor input, (N, d)
+    F     moving average of the correlation z^T z / N, (d, d), fp32
+    s, U  eigenvalues and eigenvectors of F
+    W     the predictor, U diag(p) U^T with p = max((clamp(s, 0) / max s) ** alpha + eps, 1e-4)
+The full contract is in DESIGN.md ("The numerical contract of DirectPredictor").
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastpred import torch_backend
+
+#: Lower bound on every eigenvalue p of W (part of the DirectPred contract).
+P_FLOOR = 1e-4
+
+
+class DirectPredictor(nn.Module):
+    """Linear predictor W set directly from the eigendecomposition of the EMA correlation F of its inputs.
+
+    A drop-in replacement for BYOL/SimSiam's trained predictor head: ``forward(z)`` returns ``z @ W``
+    with W as it was before the call; in training mode the call then folds ``z.detach()`` into F and,
+    after every ``freq``-th fold, recomputes W. Before any statistics W is the identity. In eval mode
+    nothing is folded. Pass both views in one call (``pred(torch.cat([z1, z2]))``) to match the paper.
+
+    Args:
+        dim: feature dimension d of the input z (N, d).
+        rho: EMA coefficient of F, in [0, 1): F <- rho F + (1 - rho) z^T z / N. The first fold sets F.
+        eps: added to every normalised eigenvalue; >= 0. ``rho=0.3, eps=0.1`` are the paper's best
+            setting on STL-10 (77.86% linear probe, ResNet-18, 100 epochs).
+        alpha: exponent on the normalised eigenvalues, > 0. 0.5 is DirectPred; 1 is DirectCopy
+            (W = F / max s + eps I), which needs only the largest eigenvalue, not a full eigh.
+        freq: recompute W after every ``freq``-th fold (>= 1).
+        trainable: make W an ``nn.Parameter`` trained by gradient between refreshes, each refresh
+            resetting it from F (the paper's ``freq > 1`` variant). Off by default: W is a buffer.
+        groups: split the features into ``groups`` contiguous blocks of d / groups and give each its
+            own F and W (a block-diagonal predictor); the blocks are solved as one batch.
+        process_group: under torch.distributed, F is computed over the global batch of this group
+            (all-reduce of z^T z and N), so every rank holds the same F and W. Default: the world.
+
+    State (all registered buffers, so ``state_dict`` round-trips a run exactly; W is a parameter when
+    ``trainable``): ``F`` and ``W`` of shape (groups, d / groups, d / groups), the eigenbasis ``U`` of the
+    last refresh (kept for warm-started solvers), and the counters ``num_folds`` and ``skipped_updates``.
+
+    A batch with a non-finite value is not folded (F and W unchanged); it is counted in
+    ``skipped_updates`` and warned about once.
+
+    The torch backend reads one flag per training step on the host (whether to run eigh), which on CUDA
+    is a synchronisation; ``torch.linalg.eigh`` synchronises there anyway.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        rho: float = 0.3,
+        eps: float = 0.1,
+        alpha: float = 0.5,
+        freq: int = 1,
+        trainable: bool = False,
+        groups: int = 1,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        _check_arguments(dim=dim, rho=rho, eps=eps, alpha=alpha, freq=freq, groups=groups)
+        self.dim, self.rho, self.eps, self.alpha = dim, float(rho), float(eps), float(alpha)
+        self.freq, self.groups, self.trainable = freq, groups, trainable
+        self.process_group = process_group
+        block = dim // groups
+        identity = torch.eye(block).expand(groups, block, block).clone()  # (G, m, m)
+        self.register_buffer("F", torch.zeros(groups, block, block))
+        self.register_buffer("U", identity.clone())
+        if trainable:
+            self.W = nn.Parameter(identity)
+        else:
+            self.register_buffer("W", identity)
+        self.register_buffer("num_folds", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.int64))
+        self._warned_skip = False
+
+    def extra_repr(self) -> str:
+        parts = [f"{self.dim}", f"rho={self.rho}", f"eps={self.eps}", f"alpha={self.alpha}", f"freq={self.freq}"]
+        if self.groups != 1:
+            parts.append(f"groups={self.groups}")
+        if self.trainable:
+            parts.append("trainable=True")
+        return ", ".join(parts)
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """W as one (d, d) matrix (block-diagonal when ``groups > 1``)."""
+        return self.W[0] if self.groups == 1 else torch.block_diag(*self.W.unbind(0))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self._check_input(z)
+        # The refresh below rewrites W in place; autograd must keep the W this output was computed with.
+        W = self.W.clone() if self.training else self.W
+        out = self._apply_predictor(z, W)
+        if self.training:
+            with torch.no_grad():
+                self._fold_and_refresh(z.detach())
+        return out
+
+    def _apply_predictor(self, z: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        W = W.to(z.dtype)
+        if self.groups == 1:
+            return z @ W[0]
+        n = z.shape[0]
+        blocks = z.reshape(n, self.groups, -1).transpose(0, 1)  # (G, N, m)
+        return (blocks @ W).transpose(0, 1).reshape(n, self.dim)
+
+    def _fold_and_refresh(self, z: torch.Tensor) -> None:
+        C, valid = self._global_correlation(z)
+        torch_backend.fold_ema_(self.F, C, self.rho, self.num_folds == 0, valid)
+        self.num_folds += valid
+        self.skipped_updates += ~valid
+        refresh = valid & (self.num_folds % self.freq == 0)
+        valid_now, refresh_now = torch.stack([valid, refresh]).tolist()  # the torch backend's one host read
+        if not valid_now:
+            self._warn_skip()
+        if refresh_now:
+            torch_backend.refresh_predictor_(self.F, self.U, self.W, alpha=self.alpha, eps=self.eps, floor=P_FLOOR)
+
+    def _global_correlation(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """C = z^T z / N over the global batch (G, m, m), and whether it is finite (0-dim bool).
+
+        Non-finite rows on any rank make the all-reduced sum non-finite, so every rank skips alike.
+        """
+        gram = torch_backend.grouped_gram(z, self.groups)
+        count = torch.tensor([float(z.shape[0])], device=gram.device)
+        if self._world_size() > 1:
+            packed = torch.cat([gram.flatten(), count])  # one collective for both
+            dist.all_reduce(packed, group=self.process_group)
+            gram, count = packed[:-1].view_as(gram), packed[-1:]
+        C = gram / count
+        return C, torch.isfinite(C).all()
+
+    def _world_size(self) -> int:
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def _warn_skip(self) -> None:
+        if not self._warned_skip:
+            self._warned_skip = True
+            warnings.warn(
+                "DirectPredictor skipped a batch with non-finite values: F and W are unchanged. "
+                "Later skips are counted in .skipped_updates without a warning.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _check_input(self, z: torch.Tensor) -> None:
+        if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[1] != self.dim:
+            got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"DirectPredictor expected input of shape (N, {self.dim}), got {got}")
+        if z.shape[0] == 0:
+            raise ValueError(f"DirectPredictor expected at least one row, got shape {tuple(z.shape)}")
+        if not z.is_floating_point():
+            raise ValueError(f"DirectPredictor expected a floating-point input, got {z.dtype}")
+        if z.device != self.F.device:
+            raise ValueError(f"DirectPredictor is on {self.F.device} but its input is on {z.device}")
+
+
+def _check_arguments(*, dim: int, rho: float, eps: float, alpha: float, freq: int, groups: int) -> None:
+    if not (isinstance(dim, int) and dim >= 1):
+        raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
+    if not 0.0 <= rho < 1.0:
+        raise ValueError(f"rho must be in [0, 1), got {rho!r}")
+    if not eps >= 0.0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    if not alpha > 0.0:
+        raise ValueError(f"alpha must be > 0, got {alpha!r}")
+    if not (isinstance(freq, int) and freq >= 1):
+        raise ValueError(f"freq must be an integer >= 1, got {freq!r}")
+    if not (isinstance(groups, int) and groups >= 1 and dim % groups == 0):
+        raise ValueError(f"groups must be an integer >= 1 dividing dim={dim}, got {groups!r}")

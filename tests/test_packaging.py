@@ -1,0 +1,50 @@
+"""`kernels/` installs as `fastpred.kernels`, in an editable install and in a built wheel, never as `kernels`."""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PROBE = (
+    "import importlib.util, fastpred.kernels as k; "
+    "assert importlib.util.find_spec('kernels') is None, 'a top-level kernels package is importable'; "
+    "print(k.__file__)"
+)
+
+
+def _run_python(code: str, cwd: Path, extra_path: str | None = None) -> str:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    if extra_path:
+        env["PYTHONPATH"] = extra_path
+    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_installed_package_exposes_fastpred_kernels_only(tmp_path):
+    # Run away from the repository root, where the source folder `kernels/` would shadow the install.
+    location = Path(_run_python(PROBE, cwd=tmp_path))
+    assert location == REPO / "kernels" / "__init__.py"
+
+
+def test_wheel_holds_fastpred_kernels_and_no_top_level_kernels(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("fastpred-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "fastpred/kernels/__init__.py" in names
+    assert not [n for n in names if n.startswith("kernels/")]
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    location = Path(_run_python(PROBE, cwd=tmp_path, extra_path=str(target)))
+    assert location == target / "fastpred" / "kernels" / "__init__.py"
