@@ -1,0 +1,301 @@
+"""FFCV loaders for SSL: `TwoViewLoader` (two random resized crops per image, one JPEG decode) and
+`EvalLoader` (resize + centre crop, for linear / kNN probes). FFCV is imported only when a loader is built."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from fastpred.data.errors import DataError, require_ffcv
+
+ORDERS = ("random", "quasi_random", "sequential")
+
+
+def _pair(x: int | tuple[int, int]) -> tuple[int, int]:
+    return (int(x), int(x)) if isinstance(x, int) else (int(x[0]), int(x[1]))
+
+
+def _check_path(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError(f"no such file: {path}")
+    if not os.path.isfile(path):
+        raise DataError(f"not a file: {path}")
+    return path
+
+
+def check_beton(path: str | os.PathLike, fields: dict[str, str]) -> int:
+    """Validate `path` before FFCV sees it (FFCV answers garbage with numpy errors or huge allocations).
+
+    `fields` maps field name -> FFCV field class name. Returns the number of samples."""
+    path = _check_path(path)
+    require_ffcv()
+    from ffcv.reader import Reader
+    from ffcv.types import CURRENT_VERSION, HeaderType
+
+    size = os.path.getsize(path)
+    not_beton = f"not a .beton file (bad header): {path}"
+    if size < HeaderType.itemsize:
+        raise DataError(not_beton)
+    h = np.fromfile(path, dtype=HeaderType, count=1)[0]
+    page = int(h["page_size"])
+    if (
+        int(h["version"]) != CURRENT_VERSION
+        or not 1 <= int(h["num_fields"]) <= 255
+        or page < 1 << 21
+        or page & (page - 1)
+        or not 0 < int(h["alloc_table_ptr"]) <= size
+    ):
+        raise DataError(not_beton)
+    try:
+        reader = Reader(path)
+    except Exception as e:  # noqa: BLE001 - FFCV raises assorted types for a damaged file
+        raise DataError(f"corrupt .beton {path}: {e}") from None
+    for name, kind in fields.items():
+        if name not in reader.handlers:
+            raise DataError(f"field {name!r} not in {path} (it has: {', '.join(reader.handlers)})")
+        if type(reader.handlers[name]).__name__ != kind:
+            raise DataError(f"field {name!r} in {path} is {type(reader.handlers[name]).__name__}, expected {kind}")
+    if reader.num_samples == 0:
+        raise DataError(f"empty dataset: {path} has no samples")
+    return int(reader.num_samples)
+
+
+def _shard_order(rank: int, world_size: int, shuffle: bool):
+    """An FFCV traversal order giving rank `rank` its DistributedSampler-style shard.
+
+    All ranks draw the same permutation (seed + epoch), pad it cyclically to a multiple of `world_size` so every
+    rank has the same number of batches (DDP steps in lockstep), and take every `world_size`-th index.
+    FFCV's own distributed mode reads the rank from an initialised process group; this one takes it explicitly.
+    """
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class ShardOrder(TraversalOrder):
+        def __init__(self):  # FFCV's Loader instantiates an order by calling it with itself
+            pass
+
+        def __call__(self, loader):
+            self.indices, self.seed = np.asarray(loader.indices), loader.seed
+            return self
+
+        def sample_order(self, epoch: int) -> np.ndarray:
+            n = len(self.indices)
+            perm = np.random.default_rng(self.seed + epoch).permutation(n) if shuffle else np.arange(n)
+            perm = np.resize(perm, -(-n // world_size) * world_size)
+            return self.indices[perm[rank::world_size]]
+
+    return ShardOrder()
+
+
+def _rank_world(distributed: bool, rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None or world_size is not None:
+        if rank is None or world_size is None or not 0 <= rank < world_size:
+            raise DataError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        return rank, world_size
+    if not distributed:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise DataError("distributed=True needs an initialised torch.distributed process group (or rank, world_size)")
+    return dist.get_rank(), dist.get_world_size()
+
+
+class _FFCVLoader:
+    """Shared plumbing: validation, order, FFCV Loader construction, device transfer."""
+
+    def __init__(self, path, batch_size, fields, decoder, *, order, drop_last, os_cache, num_workers, seed,
+                 distributed, rank, world_size, device, batches_ahead, indices):
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        if order not in ORDERS:
+            raise DataError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+        self.num_samples = check_beton(path, fields)
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.pipeline import PipelineSpec
+        from ffcv.reader import Reader
+
+        self.rank, self.world_size = _rank_world(distributed, rank, world_size)
+        if seed is None:
+            # Every rank must draw the same permutation, so a distributed run cannot seed from entropy.
+            seed = 0 if self.world_size > 1 else int(np.random.randint(0, 2**31 - 1))
+        if order == "quasi_random":
+            if self.world_size > 1:
+                raise DataError("order='quasi_random' is not available with distributed loading; use 'random'")
+            ffcv_order = OrderOption.QUASI_RANDOM
+        else:
+            ffcv_order = _shard_order(self.rank, self.world_size, shuffle=order == "random")
+        image_field, label_field = fields
+        # Fresh specs for every Loader: FFCV pops decoders out of the lists it is given. Other fields are
+        # disabled (None) so that FFCV does not decode them; no ToTensor, so the whole pipeline is one JIT stage.
+        pipelines = {name: None for name in Reader(os.fspath(path)).handlers}
+        pipelines[image_field] = PipelineSpec(image_field, decoder=decoder)
+        pipelines[label_field] = PipelineSpec(label_field, decoder=IntDecoder())
+        self._loader = Loader(
+            os.fspath(path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache, order=ffcv_order,
+            seed=seed, indices=indices, pipelines=pipelines, drop_last=drop_last, batches_ahead=batches_ahead,
+        )
+        self._names = list(self._loader.pipeline_specs)  # FFCV returns outputs in this order
+        self._fields = (image_field, label_field)
+        self.batch_size, self.seed = batch_size, seed
+        self.device = torch.device(device) if device is not None else None
+        if len(self._loader) == 0:
+            raise DataError(
+                f"{path} gives no batches: {len(self._loader.first_traversal_order)} images on this rank, "
+                f"batch_size {batch_size}, drop_last {drop_last}"
+            )
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Yields (images, labels, *extra) as tensors, on `device` if given.
+
+        On the CPU they are zero-copy views of FFCV's ring of batch buffers, valid until `batches_ahead + 2`
+        further batches have been drawn (as with FFCV itself). On CUDA the copy is asynchronous from pinned
+        memory; the ring slot of batch k is refilled while batch k + 1 is handed out, so before drawing the next
+        batch we wait for the previous copy (long finished in practice: it precedes the step's compute).
+        """
+        image_field, label_field = self._fields
+        cuda = self.device is not None and self.device.type == "cuda"
+        pending = None
+        it = iter(self._loader)
+        while True:
+            if pending is not None:
+                pending.synchronize()
+            try:
+                batch = dict(zip(self._names, next(it), strict=True))
+            except StopIteration:
+                return
+            images = batch[image_field]
+            extra = ()
+            if isinstance(images, tuple):
+                images, extra = images[0], images[1:]
+            out = [torch.from_numpy(images), torch.from_numpy(batch[label_field]).view(-1)]
+            out += [torch.from_numpy(e) for e in extra]
+            if self.device is not None:
+                out = [t.to(self.device, non_blocking=True) for t in out]
+                if cuda:
+                    pending = torch.cuda.Event()
+                    pending.record()
+            yield tuple(out)
+
+
+class TwoViewLoader(_FFCVLoader):
+    """Iterates `(x1, x2, y)`: two independent random resized crops (+ horizontal flips) of every image.
+
+    x1, x2: uint8 (B, 3, H, W), channels-last strided views into one (B, 2, H, W, 3) buffer; y: int64 (B,).
+    Each JPEG is decoded once and both crops are cut from the decoded image (see `fastpred.data.decode`).
+
+    Args:
+        path: .beton with an RGBImageField and an IntField (as written by `python -m fastpred.data.write`).
+        batch_size: images per batch (per rank).
+        resolution: output side, or (H, W).
+        scale, ratio: RandomResizedCrop area fraction and aspect-ratio ranges.
+        flip_prob: probability of a horizontal flip, drawn per view.
+        order: 'random' (new permutation each epoch), 'quasi_random' (FFCV's page-local shuffle, for
+            process-cache reads of data sets larger than RAM; not distributed) or 'sequential'.
+        drop_last: drop the final incomplete batch.
+        os_cache: True reads through the OS page cache (mmap); False uses FFCV's process cache.
+        num_workers: decoding threads (-1: all cores).
+        seed: order seed (default: random; 0 when distributed, as every rank must agree).
+        distributed: shard by the initialised torch.distributed rank and world size.
+        rank, world_size: explicit shard (overrides `distributed`); shards are disjoint and cover the data
+            set, padded cyclically so all ranks have the same length.
+        device: move batches there (non-blocking from pinned memory on CUDA).
+        return_params: also yield int32 (B, 2, 5) crop parameters (top, left, height, width, flipped).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        batch_size: int,
+        resolution: int | tuple[int, int] = 224,
+        *,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        flip_prob: float = 0.5,
+        order: str = "random",
+        drop_last: bool = True,
+        os_cache: bool = True,
+        num_workers: int = -1,
+        seed: int | None = None,
+        distributed: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        device: str | torch.device | None = None,
+        batches_ahead: int = 3,
+        indices: np.ndarray | None = None,
+        image_field: str = "image",
+        label_field: str = "label",
+        return_params: bool = False,
+    ):
+        _check_path(path)  # before the slow FFCV import
+        require_ffcv()
+        from fastpred.data.decode import TwoCropRGBImageDecoder
+
+        if not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
+            raise DataError(f"need 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]: {scale}, {ratio}")
+        self.resolution = _pair(resolution)
+        decoder = TwoCropRGBImageDecoder(self.resolution, scale, ratio, flip_prob, return_params)
+        super().__init__(
+            path, batch_size, {image_field: "RGBImageField", label_field: "IntField"}, decoder,
+            order=order, drop_last=drop_last, os_cache=os_cache, num_workers=num_workers, seed=seed,
+            distributed=distributed, rank=rank, world_size=world_size, device=device,
+            batches_ahead=batches_ahead, indices=indices,
+        )
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        for views, y, *extra in self._batches():  # views: (B, 2, H, W, 3)
+            yield (views[:, 0].permute(0, 3, 1, 2), views[:, 1].permute(0, 3, 1, 2), y, *extra)
+
+
+class EvalLoader(_FFCVLoader):
+    """Iterates `(x, y)` for probes: the centre crop of side `crop_ratio * min(H, W)` resized to `resolution`
+    (224 / 256 is the usual resize-256-then-crop-224). Sequential and complete (drop_last=False) by default.
+    x: uint8 (B, 3, H, W), channels-last strided; y: int64 (B,). Other arguments as in `TwoViewLoader`."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        batch_size: int,
+        resolution: int = 224,
+        *,
+        crop_ratio: float = 224 / 256,
+        order: str = "sequential",
+        drop_last: bool = False,
+        os_cache: bool = True,
+        num_workers: int = -1,
+        seed: int | None = None,
+        distributed: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        device: str | torch.device | None = None,
+        batches_ahead: int = 3,
+        indices: np.ndarray | None = None,
+        image_field: str = "image",
+        label_field: str = "label",
+    ):
+        _check_path(path)
+        require_ffcv()
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+
+        if not 0 < crop_ratio <= 1:
+            raise DataError(f"crop_ratio must be in (0, 1], got {crop_ratio}")
+        self.resolution = _pair(resolution)
+        decoder = CenterCropRGBImageDecoder(self.resolution, crop_ratio)
+        super().__init__(
+            path, batch_size, {image_field: "RGBImageField", label_field: "IntField"}, decoder,
+            order=order, drop_last=drop_last, os_cache=os_cache, num_workers=num_workers, seed=seed,
+            distributed=distributed, rank=rank, world_size=world_size, device=device,
+            batches_ahead=batches_ahead, indices=indices,
+        )
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in self._batches():  # x: (B, H, W, 3)
+            yield x.permute(0, 3, 1, 2), y
+
