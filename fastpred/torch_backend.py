@@ -21,6 +21,14 @@ def grouped_gram(z: torch.Tensor, groups: int) -> torch.Tensor:
         return blocks.mT @ blocks
 
 
+def fold_(F: torch.Tensor, z: torch.Tensor, rho: float, first: torch.Tensor) -> torch.Tensor:
+    """Fold one batch into F (see `fold_ema_`); returns valid, False (0-dim bool) if z^T z is non-finite."""
+    C = grouped_gram(z, F.shape[0]) / z.shape[0]
+    valid = torch.isfinite(C).all()
+    fold_ema_(F, C, rho, first, valid)
+    return valid
+
+
 def fold_ema_(F: torch.Tensor, C: torch.Tensor, rho: float, first: torch.Tensor, valid: torch.Tensor) -> None:
     """F <- C on the first fold, rho F + (1 - rho) C after it; F is left untouched where `valid` is false.
 

@@ -77,3 +77,23 @@ def decaying_features(n: int, d: int, *, steps: int, seed: int, decay: float = 0
         basis = basis @ rotation
         batches.append(((torch.randn(n, d, generator=g, dtype=torch.float64) * scales) @ basis.T).float())
     return batches
+
+
+def run_module(pred, batches, device="cpu"):
+    """Feed the stream; record (out, F, W) after every step, on the CPU."""
+    steps = []
+    for z in batches:
+        out = pred(z.to(device))
+        steps.append((out.detach().cpu(), pred.F[0].detach().cpu().clone(), pred.W[0].detach().cpu().clone()))
+    return steps
+
+
+def assert_stream_matches(got, batches, *, rho, eps, alpha, freq, floor):
+    """Out, F and W of every step within DESIGN's accuracy rule: `floor`, or twice the plain float32 error."""
+    exact = evaluate_stream(batches, rho=rho, eps=eps, alpha=alpha, freq=freq, dtype=torch.float64)
+    plain = evaluate_stream(batches, rho=rho, eps=eps, alpha=alpha, freq=freq, dtype=torch.float32)
+    for t, ((out, F, W), ref, fp32) in enumerate(zip(got, exact, plain, strict=True)):
+        checks = (("out", out, ref.out, fp32.out), ("F", F, ref.F, fp32.F), ("W", W, ref.W, fp32.W))
+        for name, value, want, baseline in checks:
+            err, bound = rel_err(value, want), allowed_error(baseline, want, floor)
+            assert err <= bound, f"step {t}: {name} error {err:.2e} > allowed {bound:.2e}"

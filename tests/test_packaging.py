@@ -32,7 +32,7 @@ def test_installed_package_exposes_fastpred_kernels_only(tmp_path):
 
 def test_wheel_holds_fastpred_kernels_and_no_top_level_kernels(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), REPO],
         check=True,
         capture_output=True,
     )

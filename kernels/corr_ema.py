@@ -1,0 +1,201 @@
+"""Fused correlation EMA: F <- rho * F + (1 - rho) * z^T z / N, in place, in one pass over z.
+
+Symbols (DESIGN.md): z is the predictor input, (N, d); F is the (d, d) moving average of its
+correlation C(z) = z^T z / N. Only the upper-triangle tiles of z^T z are computed; each is mirrored
+into the lower triangle by the program that computed it, so F stays exactly symmetric.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import on_device
+
+__all__ = ["corr_ema", "corr_ema_ref"]
+
+
+@triton.jit
+def _corr_ema_kernel(
+    z_ptr, F_ptr, mean_ptr, first_ptr, valid_ptr,
+    N, d,
+    stride_zn, stride_zd,
+    rho, scale_new, scale_first,  # rho, (1 - rho) / N and 1 / N, rounded once on the host
+    BLOCK: tl.constexpr,  # square output tile of F
+    BLOCK_N: tl.constexpr,  # rows of z per reduction step
+    FP32_DOT: tl.constexpr,  # upcast z and force IEEE fp32 products (TF32 would corrupt small eigenvalues)
+    HAS_FIRST: tl.constexpr,  # read the device flag `first`
+    HAS_VALID: tl.constexpr,  # read the device flag `valid`
+    HAS_MEAN: tl.constexpr,  # write z.mean(0) from the diagonal tiles
+):
+    # Program p -> upper tile (bm, bn), bm <= bn, enumerated row by row of the lower triangle of the
+    # transposed grid: p = bn (bn + 1) / 2 + bm. The float sqrt guess is fixed up by integer checks.
+    pid = tl.program_id(0)
+    bn = ((tl.sqrt((8 * pid + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
+    bn = tl.where(bn * (bn + 1) // 2 > pid, bn - 1, bn)
+    bn = tl.where((bn + 1) * (bn + 2) // 2 <= pid, bn + 1, bn)
+    bm = pid - bn * (bn + 1) // 2
+
+    is_first = False
+    if HAS_FIRST:
+        is_first = tl.load(first_ptr) != 0
+    is_valid = True
+    if HAS_VALID:
+        is_valid = tl.load(valid_ptr) != 0
+    keep_old = is_first == 0  # read F only when the EMA does not start here
+    # An invalid batch (non-finite values upstream) must not be read into F at all: skip the loop.
+    n_end = tl.where(is_valid, N, 0)
+
+    offs_m = bm * BLOCK + tl.arange(0, BLOCK)
+    offs_n = bn * BLOCK + tl.arange(0, BLOCK)
+    offs_k = tl.arange(0, BLOCK_N)
+    mask_m = offs_m < d
+    mask_n = offs_n < d
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    col_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, n_end, BLOCK_N):
+        rows = k0 + offs_k
+        zm = tl.load(z_ptr + rows[:, None] * stride_zn + offs_m[None, :] * stride_zd,
+                     mask=(rows[:, None] < N) & mask_m[None, :], other=0.0)  # (BLOCK_N, BLOCK)
+        zn = tl.load(z_ptr + rows[:, None] * stride_zn + offs_n[None, :] * stride_zd,
+                     mask=(rows[:, None] < N) & mask_n[None, :], other=0.0)  # (BLOCK_N, BLOCK)
+        if FP32_DOT:
+            zm = zm.to(tl.float32)
+            zn = zn.to(tl.float32)
+            acc = tl.dot(tl.trans(zm), zn, acc, input_precision="ieee")
+        else:
+            # bf16/fp16 products are exact in fp32 and the tensor-core accumulator is fp32.
+            acc = tl.dot(tl.trans(zm), zn, acc, out_dtype=tl.float32)
+        if HAS_MEAN:
+            col_sum += tl.sum(zn.to(tl.float32), axis=0)
+
+    tile = offs_m[:, None] * d + offs_n[None, :]
+    mirror = offs_n[None, :] * d + offs_m[:, None]
+    in_bounds = mask_m[:, None] & mask_n[None, :]
+    # F is symmetric: read only the upper triangle. When `first`, F may hold garbage (even NaN),
+    # so it is not read at all rather than multiplied by zero.
+    F_old = tl.load(F_ptr + tile, mask=in_bounds & keep_old, other=0.0)
+    F_new = tl.where(is_first, acc * scale_first, rho * F_old + scale_new * acc)
+    # Diagonal tiles: the upper half (incl. the diagonal) is stored as is and mirrored into the lower
+    # half, so F is exactly symmetric even if the tile product is not bitwise symmetric.
+    diag_tile = bm == bn
+    upper = (offs_m[:, None] <= offs_n[None, :]) | (bm != bn)
+    strict = (offs_m[:, None] < offs_n[None, :]) | (bm != bn)
+    tl.store(F_ptr + tile, F_new, mask=in_bounds & upper & is_valid)
+    tl.store(F_ptr + mirror, F_new, mask=in_bounds & strict & is_valid)
+    if HAS_MEAN:
+        tl.store(mean_ptr + offs_n, col_sum / N, mask=mask_n & diag_tile & is_valid)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _flag(x: torch.Tensor | None, name: str, device: torch.device) -> torch.Tensor | None:
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor) or x.dim() != 0:
+        raise ValueError(f"corr_ema: `{name}` must be a 0-dim tensor, got {type(x).__name__}"
+                         f"{'' if not isinstance(x, torch.Tensor) else f' of shape {tuple(x.shape)}'}")
+    if x.dtype.is_floating_point or x.dtype.is_complex:
+        raise ValueError(f"corr_ema: `{name}` must be an integer or bool tensor, got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"corr_ema: `{name}` is on {x.device}, z is on {device}")
+    # Triton reads a bool pointer as i1; a uint8 view is the same byte without relying on that.
+    return x.view(torch.uint8) if x.dtype == torch.bool else x
+
+
+def _check(F: torch.Tensor, z: torch.Tensor, rho: float, mean: torch.Tensor | None) -> None:
+    if z.dim() != 2:
+        raise ValueError(f"corr_ema: z must be (N, d), got shape {tuple(z.shape)}")
+    N, d = z.shape
+    if N < 1 or d < 1:
+        raise ValueError(f"corr_ema: z must have N >= 1 rows and d >= 1 columns, got {tuple(z.shape)}")
+    if z.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"corr_ema: z must be float32, bfloat16 or float16, got {z.dtype}")
+    if F.shape != (d, d) or F.dtype != torch.float32:
+        raise ValueError(f"corr_ema: F must be ({d}, {d}) float32, got {tuple(F.shape)} {F.dtype}")
+    if not F.is_contiguous():
+        raise ValueError("corr_ema: F must be contiguous (it is updated in place)")
+    if F.device != z.device:
+        raise ValueError(f"corr_ema: F is on {F.device}, z is on {z.device}")
+    if isinstance(rho, torch.Tensor) or not 0.0 <= float(rho) < 1.0:
+        raise ValueError(f"corr_ema: rho must be a Python float in [0, 1), got {rho!r}")
+    if mean is not None and (mean.shape != (d,) or mean.dtype != torch.float32 or mean.device != z.device
+                             or not mean.is_contiguous()):
+        raise ValueError(f"corr_ema: mean must be a contiguous ({d},) float32 tensor on {z.device}")
+
+
+def corr_ema(
+    F: torch.Tensor,
+    z: torch.Tensor,
+    rho: float,
+    *,
+    first: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    mean: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fold the correlation of a batch into its EMA, in place: F <- rho F + (1 - rho) z^T z / N.
+
+    F: (d, d) float32, contiguous, symmetric (only its upper triangle is read). z: (N, d) float32,
+    bfloat16 or float16, any strides. rho: Python float in [0, 1). All accumulation is fp32.
+    first: optional 0-dim int/bool tensor on z's device; when nonzero, F <- z^T z / N (F is not read).
+    valid: optional 0-dim int/bool tensor; when zero nothing is written (F and mean untouched).
+    mean: optional (d,) float32 output receiving z.mean(0), computed in the same pass.
+    Both flags are read on the device: no host synchronisation, CUDA-graph capturable. Returns F.
+    """
+    _check(F, z, rho, mean)
+    N, d = z.shape
+    first_t = _flag(first, "first", z.device)
+    valid_t = _flag(valid, "valid", z.device)
+    # Fixed configs, not tuned on a GPU yet (none was available): 64 x 64 output tiles keep register
+    # use moderate for 4 warps; smaller d gets the smallest tile that tl.dot accepts (16).
+    BLOCK = 16 if d <= 16 else 32 if d <= 32 else 64
+    BLOCK_N = 32
+    n_tiles = triton.cdiv(d, BLOCK)
+    grid = (n_tiles * (n_tiles + 1) // 2,)
+    with on_device(z):
+        _corr_ema_kernel[grid](
+            z, F, mean if mean is not None else F, first_t if first_t is not None else F,
+            valid_t if valid_t is not None else F,
+            N, d,
+            z.stride(0), z.stride(1),
+            float(rho), (1.0 - float(rho)) / N, 1.0 / N,
+            BLOCK=BLOCK, BLOCK_N=BLOCK_N,
+            # The Triton interpreter (3.8) returns garbage for bf16 tl.dot, so it takes the fp32 route there.
+            FP32_DOT=z.dtype == torch.float32 or (z.dtype == torch.bfloat16 and _interpreting()),
+            HAS_FIRST=first_t is not None, HAS_VALID=valid_t is not None, HAS_MEAN=mean is not None,
+            num_warps=4,
+        )
+    return F
+
+
+def corr_ema_ref(
+    F: torch.Tensor,
+    z: torch.Tensor,
+    rho: float,
+    *,
+    first: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    mean: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference of `corr_ema` (same arguments, same in-place semantics), accumulated in float64.
+
+    The flags are applied with torch.where, so this path does not synchronise with the host either.
+    """
+    _check(F, z, rho, mean)
+    z64 = z.to(torch.float64)  # (N, d); float64 also keeps TF32 out of the product
+    N = z64.shape[0]
+    C = z64.T @ z64 / N
+    new = rho * F.to(torch.float64) + (1.0 - rho) * C
+    if first is not None:
+        new = torch.where(first != 0, C, new)
+    keep = None if valid is None else valid != 0
+    F.copy_(new.to(torch.float32) if keep is None else torch.where(keep, new.to(torch.float32), F))
+    if mean is not None:
+        m = z64.mean(0).to(torch.float32)
+        mean.copy_(m if keep is None else torch.where(keep, m, mean))
+    return F
