@@ -153,6 +153,31 @@ class DirectPredictor(nn.Module):
 
     def _fold_and_refresh(self, z: torch.Tensor) -> None:
         backend = self._backend_for(z.device)
+        if backend is torch_backend:
+            self._step_on_host(z)
+        else:
+            self._step_on_device(z, backend)
+        self._skip_alert.poll(self.skipped_updates)
+        self._solver_alert.poll(self.unconverged_solves)
+
+    def _step_on_host(self, z: torch.Tensor) -> None:
+        """The torch backend: flags read on the host (free on the CPU; on CUDA eigh waits anyway)."""
+        folds = int(self.num_folds)
+        if self._world_size() > 1:
+            C, valid_on_device = self._global_correlation(z, torch_backend)
+            torch_backend.fold_ema_(self.F, C, self.rho, self.num_folds == 0, valid_on_device)
+            valid = bool(valid_on_device)
+        else:
+            valid = torch_backend.fold_(self.F, z, self.rho, first=folds == 0)
+        if not valid:
+            self.skipped_updates += 1
+            return
+        self.num_folds += 1
+        if (folds + 1) % self.freq == 0:
+            torch_backend.refresh_predictor_(self.F, self.U, self.W, alpha=self.alpha, eps=self.eps, floor=P_FLOOR)
+
+    def _step_on_device(self, z: torch.Tensor, backend: ModuleType) -> None:
+        """The triton backend: every decision is a device tensor, so the step never waits on the host."""
         first = self.num_folds == 0
         if self._world_size() > 1:
             C, valid = self._global_correlation(z, backend)
@@ -161,17 +186,11 @@ class DirectPredictor(nn.Module):
             valid = backend.fold_(self.F, z, self.rho, first)
         self.num_folds += valid
         self.skipped_updates += ~valid
-        refresh = valid & (self.num_folds % self.freq == 0)
-        if backend is torch_backend:
-            if refresh.item():  # the torch backend's one host read; eigh would wait anyway
-                torch_backend.refresh_predictor_(self.F, self.U, self.W, alpha=self.alpha, eps=self.eps, floor=P_FLOOR)
-        else:
-            backend.refresh_predictor_(
-                self.F, self.U, self.W, self.full_solve_next, self.unconverged_solves,
-                enable=refresh, alpha=self.alpha, eps=self.eps, floor=P_FLOOR, sweeps=self.sweeps,
-            )  # fmt: skip
-        self._skip_alert.poll(self.skipped_updates)
-        self._solver_alert.poll(self.unconverged_solves)
+        backend.refresh_predictor_(
+            self.F, self.U, self.W, self.full_solve_next, self.unconverged_solves,
+            enable=valid & (self.num_folds % self.freq == 0),
+            alpha=self.alpha, eps=self.eps, floor=P_FLOOR, sweeps=self.sweeps,
+        )  # fmt: skip
 
     def _backend_for(self, device: torch.device) -> ModuleType:
         name = self.backend

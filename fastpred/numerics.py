@@ -17,6 +17,9 @@ def full_fp32_matmul() -> Iterator[None]:
     refuses to mix its legacy and new precision APIs, and reading the new one works after either, so
     the new one is used where it exists.
     """
+    if not torch.cuda.is_initialized():  # no CUDA matmul can run; the CPU has no TF32
+        yield
+        return
     matmul = torch.backends.cuda.matmul
     if hasattr(matmul, "fp32_precision"):
         previous = matmul.fp32_precision
