@@ -154,14 +154,17 @@ class DirectPredictor(nn.Module):
     def _fold_and_refresh(self, z: torch.Tensor) -> None:
         backend = self._backend_for(z.device)
         if backend is torch_backend:
-            self._step_on_host(z)
+            if not self._step_on_host(z):
+                self._skip_alert.poll(self.skipped_updates)
         else:
             self._step_on_device(z, backend)
-        self._skip_alert.poll(self.skipped_updates)
-        self._solver_alert.poll(self.unconverged_solves)
+            self._skip_alert.poll(self.skipped_updates)
+            self._solver_alert.poll(self.unconverged_solves)
 
-    def _step_on_host(self, z: torch.Tensor) -> None:
-        """The torch backend: flags read on the host (free on the CPU; on CUDA eigh waits anyway)."""
+    def _step_on_host(self, z: torch.Tensor) -> bool:
+        """The torch backend: flags read on the host (free on the CPU; on CUDA eigh waits anyway).
+
+        Returns whether the batch was folded."""
         folds = int(self.num_folds)
         if self._world_size() > 1:
             C, valid_on_device = self._global_correlation(z, torch_backend)
@@ -171,10 +174,11 @@ class DirectPredictor(nn.Module):
             valid = torch_backend.fold_(self.F, z, self.rho, first=folds == 0)
         if not valid:
             self.skipped_updates += 1
-            return
+            return False
         self.num_folds += 1
         if (folds + 1) % self.freq == 0:
             torch_backend.refresh_predictor_(self.F, self.U, self.W, alpha=self.alpha, eps=self.eps, floor=P_FLOOR)
+        return True
 
     def _step_on_device(self, z: torch.Tensor, backend: ModuleType) -> None:
         """The triton backend: every decision is a device tensor, so the step never waits on the host."""

@@ -78,17 +78,17 @@ def refresh_predictor_(
         new_W = F / s_max[:, None, None]
         new_W.diagonal(dim1=-2, dim2=-1).add_(eps)
     else:
-        # U receives F's eigenbasis whatever happens to W below: it is only the warm start of a later solve.
-        s, basis = torch.linalg.eigh(F, out=(torch.empty(F.shape[:-1], dtype=F.dtype, device=F.device), U))
+        s, basis = torch.linalg.eigh(F)  # (G, m), (G, m, m)
+        U.copy_(basis)  # F's eigenbasis whatever happens to W below: only the warm start of a later solve
         s_max = s[..., -1]
-        q = s.clamp(min=0) / s_max[:, None]
-        p = (q.sqrt() if alpha == 0.5 else q.pow(alpha)).add_(eps).clamp_(min=floor)
+        q = s.clamp(min=0).div_(s_max[:, None])
+        p = (q.sqrt_() if alpha == 0.5 else q.pow_(alpha)).add_(eps).clamp_(min=floor)
         scaled = basis * p[:, None, :]
         with full_fp32_matmul():
             new_W = (scaled[0] @ basis[0].T).unsqueeze(0) if F.shape[0] == 1 else scaled @ basis.mT
     # F is finite, so W is finite wherever max s > 0 (q <= 1 and p >= floor > 0).
     ok = s_max > 0
-    if ok.all().item():  # the usual case: a plain copy instead of a select over every element
+    if float(s_max.min()) > 0:  # the usual case: a plain copy instead of a select over every element
         W.copy_(new_W)
     else:
         W.copy_(torch.where(ok[:, None, None], new_W, W))
