@@ -118,6 +118,17 @@ class DirectPredictor(nn.Module):
             "Counted in .unconverged_solves."
         )
 
+    def _apply(self, fn, recurse=True):
+        # The statistics stay fp32 whatever the model is cast to (`.half()`, `.to(torch.bfloat16)`): the
+        # contract's accuracy depends on it. Device moves apply as usual; a cast keeps the exact fp32 values.
+        fp32_state = {name: self._buffers[name] for name in ("F", "U", "W") if name in self._buffers}
+        super()._apply(fn, recurse)
+        for name, before in fp32_state.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return self
+
     def extra_repr(self) -> str:
         parts = [f"{self.dim}", f"rho={self.rho}", f"eps={self.eps}", f"alpha={self.alpha}", f"freq={self.freq}"]
         if self.groups != 1:

@@ -228,3 +228,15 @@ def test_extra_repr_and_buffers():
     assert repr(pred) == "DirectPredictor(16, rho=0.99, eps=0.05, alpha=1.0, freq=2, groups=4)"
     assert pred.F.shape == (4, 4, 4) and pred.W.shape == (4, 4, 4)
     assert torch.equal(pred.matrix, torch.eye(16))
+
+
+def test_dtype_casts_keep_fp32_statistics():
+    pred = DirectPredictor(8)
+    pred(torch.randn(16, 8))
+    F = pred.F.clone()
+    pred.to(torch.bfloat16)  # as when a whole model is cast; W, F and U stay exact fp32
+    assert pred.F.dtype == pred.W.dtype == pred.U.dtype == torch.float32 and torch.equal(pred.F, F)
+    out = pred(torch.randn(16, 8, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and int(pred.num_folds) == 2
+    trainable = DirectPredictor(8, trainable=True).half()
+    assert trainable.W.dtype == torch.float16 and trainable.F.dtype == torch.float32  # a parameter follows the cast
