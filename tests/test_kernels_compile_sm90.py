@@ -1,0 +1,69 @@
+"""Every Triton kernel compiles for a Hopper GPU (sm_90a) here, without one, and ptxas reports its spills.
+
+The interpreter checks what the kernels compute, not whether they compile for a GPU or fit its
+registers; this closes part of that gap on machines with no GPU. It runs Triton's own compiler and
+the ptxas that ships with Triton, in a subprocess so TRITON_INTERPRET (set for the other tests) is off.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the CUDA tests run the real kernels")
+
+COMPILE = r'''
+import inspect, json, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import fastpred.kernels  # noqa: F401
+eigh, corr, pred = (sys.modules["fastpred.kernels." + m] for m in ("eigh", "corr_ema", "predictor"))
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+def spills(fn, types, constexprs, num_warps):
+    params = list(inspect.signature(fn.fn).parameters)
+    sig = {p: "constexpr" if p in constexprs else types.get(p, "i32") for p in params}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in constexprs.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    out = subprocess.run([PTXAS, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return int(re.search(r"(\d+) bytes spill stores", out.stderr + out.stdout).group(1))
+
+f32 = "*fp32"
+jacobi = dict(A_ptr=f32, U0_ptr=f32, s_ptr=f32, U_ptr=f32, conv_ptr="*i8", sweeps_ptr="*i32", cap_ptr="*i32",
+              tol="fp32")
+ema = dict(z_ptr=f32, F_ptr=f32, mean_ptr=f32, first_ptr="*i8", valid_ptr="*i8", rho="fp32", scale_new="fp32",
+           scale_first="fp32")
+build = dict(s_ptr=f32, U_ptr=f32, W_ptr=f32, ok_ptr="*i8", bad_ptr="*i8", alpha="fp32", eps="fp32", floor="fp32")
+flags = dict(HAS_FIRST=True, HAS_VALID=True, HAS_MEAN=True)
+report = {
+    "jacobi P=32": spills(eigh._jacobi_kernel, jacobi, dict(P=32, HAS_U0=True, HAS_CAP=True), 4),
+    "jacobi P=64": spills(eigh._jacobi_kernel, jacobi, dict(P=64, HAS_U0=True, HAS_CAP=True), 8),
+    "corr_ema fp32": spills(corr._corr_ema_kernel, ema, dict(BLOCK=64, BLOCK_N=32, FP32_DOT=True, **flags), 4),
+    "corr_ema bf16": spills(corr._corr_ema_kernel, dict(ema, z_ptr="*bf16"),
+                            dict(BLOCK=64, BLOCK_N=32, FP32_DOT=False, **flags), 4),
+    "predictor sqrt": spills(pred._predictor_kernel, build, dict(BLOCK=64, BLOCK_K=32, ALPHA_MODE=1), 4),
+    "predictor pow": spills(pred._predictor_kernel, build, dict(BLOCK=64, BLOCK_K=32, ALPHA_MODE=0), 4),
+    "rows_finite": spills(pred._rows_finite_kernel, dict(U_ptr=f32, bad_ptr="*i8"), dict(BLOCK_R=64, BLOCK_C=32), 4),
+}
+print(json.dumps(report))
+'''
+
+
+def test_kernels_compile_for_sm90_within_register_budget():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    spilled = json.loads(result.stdout.strip().splitlines()[-1])
+    # The fused kernels fit in registers. The 64 x 64 Jacobi program holds A and V (8192 fp32 values)
+    # plus gather temporaries in 8 warps and spilled 616 bytes per thread when this test was written:
+    # cached in L1, tolerable until a GPU measurement says otherwise; this guards it from growing.
+    fused = {name: size for name, size in spilled.items() if name != "jacobi P=64"}
+    assert all(size == 0 for size in fused.values()), fused
+    assert spilled["jacobi P=64"] <= 1024, spilled
