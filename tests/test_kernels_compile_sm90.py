@@ -1,4 +1,5 @@
-"""Every Triton kernel compiles for a Hopper GPU (sm_90a) here, without one, and ptxas reports its spills.
+"""Every Triton kernel (the predictor's and the augmentation's) compiles for a Hopper GPU (sm_90a) here,
+without one, and ptxas reports its spills.
 
 The interpreter checks what the kernels compute, not whether they compile for a GPU or fit its
 registers; this closes part of that gap on machines with no GPU. It runs Triton's own compiler and
@@ -20,6 +21,7 @@ import inspect, json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+import fastpred.data._color_kernel as color
 import fastpred.kernels  # noqa: F401
 eigh, corr, pred = (sys.modules["fastpred.kernels." + m] for m in ("eigh", "corr_ema", "predictor"))
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -51,6 +53,9 @@ report = {
     "predictor sqrt": spills(pred._predictor_kernel, build, dict(BLOCK=64, BLOCK_K=32, ALPHA_MODE=1), 4),
     "predictor pow": spills(pred._predictor_kernel, build, dict(BLOCK=64, BLOCK_K=32, ALPHA_MODE=0), 4),
     "rows_finite": spills(pred._rows_finite_kernel, dict(U_ptr=f32, bad_ptr="*i8"), dict(BLOCK_R=64, BLOCK_C=32), 4),
+    "augment colour": spills(color._color_kernel, dict(x_ptr="*u8", out_ptr=f32, b_ptr=f32, c_ptr=f32, s_ptr=f32,
+                             h_ptr=f32, order_ptr="*i32", flags_ptr="*i32", **dict.fromkeys(
+                             ["mean0", "mean1", "mean2", "std0", "std1", "std2"], "fp32")), dict(BLOCK=1024), 4),
 }
 print(json.dumps(report))
 '''
