@@ -158,9 +158,7 @@ class DirectPredictor(nn.Module):
         W = W.to(z.dtype)
         if self.groups == 1:
             return z @ W[0]
-        n = z.shape[0]
-        blocks = z.reshape(n, self.groups, -1).transpose(0, 1)  # (G, N, m)
-        return (blocks @ W).transpose(0, 1).reshape(n, self.dim)
+        return (torch_backend.feature_blocks(z, self.groups) @ W).transpose(0, 1).reshape(z.shape[0], self.dim)
 
     def _fold_and_refresh(self, z: torch.Tensor) -> None:
         backend = self._backend_for(z.device)
@@ -223,18 +221,16 @@ class DirectPredictor(nn.Module):
         return triton_backend
 
     def _global_correlation(self, z: torch.Tensor, backend: ModuleType) -> tuple[torch.Tensor, torch.Tensor]:
-        """C = z^T z / N over the global batch (G, m, m), and whether it is finite (0-dim bool).
+        """C = z^T z / N over the global batch (G, m, m), and whether it is finite (0-dim bool); world size > 1.
 
         Non-finite rows on any rank make the all-reduced sum non-finite, so every rank skips alike.
         """
         gram = backend.grouped_gram(z, self.groups)
         count = torch.full((1,), float(z.shape[0]), device=gram.device)  # a fill, not a copy: graph-safe
-        if self._world_size() > 1:
-            packed = torch.cat([gram.flatten(), count])  # one collective for both
-            dist.all_reduce(packed, group=self.process_group)
-            gram, count = packed[:-1].view_as(gram), packed[-1:]
-        C = gram / count
-        return C, torch.isfinite(C).all()
+        packed = torch.cat([gram.flatten(), count])  # one collective for both
+        dist.all_reduce(packed, group=self.process_group)
+        C = packed[:-1].view_as(gram) / packed[-1:]
+        return C, torch_backend.diagonal_is_finite(C)
 
     def _world_size(self) -> int:
         if not (dist.is_available() and dist.is_initialized()):

@@ -14,10 +14,15 @@ import torch
 from fastpred.numerics import full_fp32_matmul
 
 
+def feature_blocks(z: torch.Tensor, groups: int) -> torch.Tensor:
+    """(N, G*m) -> (G, N, m): the contiguous feature blocks of a grouped predictor, as a view."""
+    n, d = z.shape
+    return z.reshape(n, groups, d // groups).transpose(0, 1)
+
+
 def grouped_gram(z: torch.Tensor, groups: int) -> torch.Tensor:
     """Sum of outer products per feature block: (N, G*m) -> (G, m, m), accumulated in fp32."""
-    n, d = z.shape
-    blocks = z.float().reshape(n, groups, d // groups).transpose(0, 1)  # (G, N, m)
+    blocks = feature_blocks(z.float(), groups)
     with full_fp32_matmul():
         return blocks.mT @ blocks
 
@@ -28,29 +33,29 @@ def fold_(F: torch.Tensor, z: torch.Tensor, rho: float, *, first: bool) -> bool:
     F_1 = C and F_t = rho F + (1 - rho) C, with C = z^T z / N per block. A result that is not finite (a
     NaN or inf in z, or an fp32 overflow in z^T z) is dropped whole, so F is never poisoned.
     """
-    n, d = z.shape
+    n = z.shape[0]
     beta, alpha = (0.0, 1.0 / n) if first else (rho, (1.0 - rho) / n)
     z = z.float()
     with full_fp32_matmul():
         if F.shape[0] == 1:  # plain addmm: measurably cheaper than a batch-of-one baddbmm on the CPU
             folded = torch.addmm(F[0], z.T, z, beta=beta, alpha=alpha).unsqueeze(0)
         else:
-            blocks = z.reshape(n, F.shape[0], d // F.shape[0]).transpose(0, 1)  # (G, N, m)
+            blocks = feature_blocks(z, F.shape[0])
             folded = torch.baddbmm(F, blocks.mT, blocks, beta=beta, alpha=alpha)
-    valid = diagonal_is_finite(folded)
+    valid = bool(diagonal_is_finite(folded))
     if valid:
         F.copy_(folded)
     return valid
 
 
-def diagonal_is_finite(folded: torch.Tensor) -> bool:
-    """Whether a fold of z^T z is finite, from its diagonal alone: O(d) instead of O(d^2).
+def diagonal_is_finite(folded: torch.Tensor) -> torch.Tensor:
+    """Whether a (G, m, m) fold of z^T z is finite, from its diagonal alone: O(d) instead of O(d^2).
 
     A NaN or inf anywhere in z makes its column's sum of squares (a diagonal entry) NaN or inf, and so
     does an overflow of that sum; off the diagonal |sum_k z_ki z_kj| <= (G_ii + G_jj) / 2 stays finite
-    whenever the diagonal is.
+    whenever the diagonal is. Returns a 0-dim bool tensor, on the device (no host sync).
     """
-    return bool(torch.isfinite(folded.diagonal(dim1=-2, dim2=-1)).all())
+    return torch.isfinite(folded.diagonal(dim1=-2, dim2=-1)).all()
 
 
 def fold_ema_(F: torch.Tensor, C: torch.Tensor, rho: float, first: torch.Tensor, valid: torch.Tensor) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastpred.kernels import corr_ema, eigh_warm, largest_eigenvalue, predictor_from_eigh
+from fastpred.torch_backend import diagonal_is_finite
 
 #: Sweeps allowed on the first (cold) refresh and on the one after a non-converged solve (a cold
 #: 32 x 32 solve converges in about 10).
@@ -19,13 +20,18 @@ from fastpred.kernels import corr_ema, eigh_warm, largest_eigenvalue, predictor_
 FULL_SWEEPS = 12
 
 
+def _fold_groups_(F: torch.Tensor, z: torch.Tensor, rho: float, first: torch.Tensor | None = None) -> None:
+    """corr_ema on every feature block: F[g] <- rho F[g] + (1 - rho) z_g^T z_g / N, in place."""
+    m = F.shape[-1]
+    for g in range(F.shape[0]):  # strided column slices: the kernel reads them in place
+        corr_ema(F[g], z[:, g * m : (g + 1) * m], rho, first=first)
+
+
 def grouped_gram(z: torch.Tensor, groups: int) -> torch.Tensor:
     """Sum of outer products per feature block: (N, G*m) -> (G, m, m), by the fused kernel."""
     n, d = z.shape
-    m = d // groups
-    C = torch.zeros(groups, m, m, dtype=torch.float32, device=z.device)
-    for g in range(groups):
-        corr_ema(C[g], z[:, g * m : (g + 1) * m], 0.0)  # rho = 0: C <- z^T z / N
+    C = torch.zeros(groups, d // groups, d // groups, dtype=torch.float32, device=z.device)
+    _fold_groups_(C, z, 0.0)  # rho = 0: C <- z^T z / N
     return C * n
 
 
@@ -35,11 +41,9 @@ def fold_(F: torch.Tensor, z: torch.Tensor, rho: float, first: torch.Tensor) -> 
     The kernel folds into a copy, so a batch with a NaN, an inf, or an fp32 overflow in z^T z is
     dropped whole (returns valid = False, 0-dim bool) and F is never poisoned.
     """
-    m = F.shape[-1]
     folded = F.clone()
-    for g in range(F.shape[0]):  # strided column slices: the kernel reads them in place
-        corr_ema(folded[g], z[:, g * m : (g + 1) * m], rho, first=first)
-    valid = torch.isfinite(folded).all()
+    _fold_groups_(folded, z, rho, first)
+    valid = diagonal_is_finite(folded)
     F.copy_(torch.where(valid, folded, F))
     return valid
 
