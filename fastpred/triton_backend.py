@@ -16,7 +16,7 @@ from fastpred.torch_backend import diagonal_is_finite
 #: Sweeps allowed on the first (cold) refresh and on the one after a non-converged solve (a cold
 #: 32 x 32 solve converges in about 10).
 #: Also the launch budget of the block solver for d / groups > 64, where sweeps past convergence are
-#: launched as no-ops.
+#: launched as no-ops (each kernel reads a device flag and returns).
 FULL_SWEEPS = 12
 
 

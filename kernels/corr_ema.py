@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ._launch import on_device
+from ._tiles import upper_tile
 
 __all__ = ["corr_ema", "corr_ema_ref"]
 
@@ -31,13 +32,7 @@ def _corr_ema_kernel(
     HAS_VALID: tl.constexpr,  # read the device flag `valid`
     HAS_MEAN: tl.constexpr,  # write z.mean(0) from the diagonal tiles
 ):
-    # Program p -> upper tile (bm, bn), bm <= bn, enumerated row by row of the lower triangle of the
-    # transposed grid: p = bn (bn + 1) / 2 + bm. The float sqrt guess is fixed up by integer checks.
-    pid = tl.program_id(0)
-    bn = ((tl.sqrt((8 * pid + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
-    bn = tl.where(bn * (bn + 1) // 2 > pid, bn - 1, bn)
-    bn = tl.where((bn + 1) * (bn + 2) // 2 <= pid, bn + 1, bn)
-    bm = pid - bn * (bn + 1) // 2
+    bm, bn = upper_tile(tl.program_id(0))  # this program's tile of the upper triangle, bm <= bn
 
     is_first = False
     if HAS_FIRST:

@@ -7,10 +7,12 @@ tol * ||A||_F or the sweep cap is hit; the result says which, per matrix, as a d
 
 - n <= 64: one Triton program per matrix holds A and V in registers (padded to a power of two P),
   rotates into U0 with IEEE fp32 tl.dot and loops over sweeps on the device.
-- n > 64: block Jacobi over blocks of 32: each round gives the disjoint 64 x 64 block-pair
-  subproblems one sweep of the kernel above, as one batch, then applies their orthogonal factors to
-  A and V with fp32 (TF32 off) batched matmuls. The sweep loop runs on the host for max_sweeps iterations;
-  matrices that are done get a zero cap, so their sweeps are exact no-ops (no host sync needed).
+- n > 64: block Jacobi over blocks of 32, in place: each round gives the disjoint 64 x 64 block-pair
+  subproblems one sweep of the same register code (read through index arithmetic, no permuted copies)
+  and applies their rotations to A (one triangle of 64 x 64 tiles, mirrored) and V with IEEE fp32
+  tl.dot: two launches per round, nb - 1 rounds per sweep for nb blocks. The sweep loop runs on the
+  host for max_sweeps iterations without waiting on the device; a matrix that is done is flagged
+  inactive on the device and its kernels return after reading the flag.
 """
 
 from __future__ import annotations
@@ -22,11 +24,67 @@ import triton
 import triton.language as tl
 
 from ._launch import full_fp32_matmul, on_device
+from ._tiles import upper_tile
 
 __all__ = ["eigh_warm", "eigh_ref"]
 
 _SMALL_MAX = 64  # largest n solved by one program in registers
 _BLOCK = 32  # block size of the block Jacobi method; block pairs are 64 x 64 subproblems
+
+
+@triton.jit
+def _jacobi_sweep(A, dia, V, r, col, eye, P: tl.constexpr):
+    """One cyclic sweep of parallel Jacobi rotations on a (P, P) register-resident matrix.
+
+    A holds the off-diagonal part (zero diagonal), dia the diagonal; the rotations accumulate into V's
+    columns. r = arange(P), col = r[None, :], eye the (P, P) identity mask. Returns (A, dia, V).
+    """
+    # Parallel ordering: in round m every index i is paired with i ^ m, a perfect matching; over
+    # m = 1 .. P-1 every pair (i, j) meets exactly once (m = i ^ j), so a round applies P/2
+    # disjoint rotations at once and P - 1 rounds make a cyclic sweep.
+    for m in range(1, P):
+        k = r ^ m  # partner of each index, (P,)
+        pair = col == k[:, None]
+        a_ik = tl.sum(tl.where(pair, A, 0.0), axis=1)  # A[i, k(i)]
+        d_k = tl.gather(dia, k, axis=0)
+        a_ki = tl.gather(a_ik, k, axis=0)
+        is_p = r < k  # i is the lower index p of its pair (p, q)
+        app = tl.where(is_p, dia, d_k)
+        aqq = tl.where(is_p, d_k, dia)
+        # Both members of a pair see bitwise the same (app, aqq, apq), hence the same rotation,
+        # even though rounding leaves A symmetric only to ~1 ulp.
+        apq = 0.5 * (a_ik + a_ki)
+        # Below ~1 ulp of sqrt(a_pp a_qq) the pair is treated as decoupled: a_pq is dropped (a relative
+        # perturbation under fp32 rounding) instead of rotating, as every rotation, however small,
+        # rounds whole rows of A and columns of V.
+        nz = tl.abs(apq) > 5.96e-8 * tl.sqrt_rn(tl.abs(app) * tl.abs(aqq))
+        # Rutishauser's symmetric Schur pair (Golub & Van Loan 8.5.2), the smaller angle, with
+        # correctly rounded sqrt/div (approximate ones bias c^2 + s^2 away from 1).
+        tau = tl.div_rn(aqq - app, 2.0 * tl.where(nz, apq, 1.0))
+        t = tl.div_rn(tl.where(tau >= 0.0, 1.0, -1.0), tl.abs(tau) + tl.sqrt_rn(1.0 + tau * tau))
+        t = tl.where(nz, t, 0.0)  # also absorbs tau = inf (t = 0)
+        c = tl.div_rn(1.0, tl.sqrt_rn(1.0 + t * t))
+        sn = t * c
+        cs = tl.where(is_p, -sn, sn)  # row p <- c A_p - s A_q, row q <- s A_p + c A_q
+        # Applying the rotations elementwise with a register gather of the partner row/column
+        # costs O(P^2) per round; an explicit rotation matrix through tl.dot would cost O(P^3).
+        k_rows = tl.broadcast_to(k[:, None], (P, P))
+        k_cols = tl.broadcast_to(k[None, :], (P, P))
+        A = c[:, None] * A + cs[:, None] * tl.gather(A, k_rows, axis=0)
+        A = A * c[None, :] + tl.gather(A, k_cols, axis=1) * cs[None, :]
+        V = V * c[None, :] + tl.gather(V, k_cols, axis=1) * cs[None, :]
+        # The 2 x 2 blocks are finished by the accurate formulas a_pp - t a_pq, a_qq + t a_pq and an
+        # exact zero, not by the rounded two-sided product (which also saw A's zero diagonal).
+        dia = tl.where(is_p, app - t * apq, aqq + t * apq)
+        A = tl.where(eye | pair, 0.0, A)
+    return A, dia, V
+
+
+@triton.jit
+def _polar_step(V, eye):
+    """One Newton-Schulz polar step V (3I - V^T V) / 2, IEEE fp32: orthogonality error e -> ~e^2."""
+    G = tl.dot(tl.trans(V), V, input_precision="ieee")
+    return tl.dot(V, tl.where(eye, 1.5, 0.0) - 0.5 * G, input_precision="ieee")
 
 
 @triton.jit
@@ -76,52 +134,14 @@ def _jacobi_kernel(
     polished = sweeps * 0
     while (sweeps < cap) & ((off > thr) | ((off <= thr) & (polished == 0))):
         polished = (off <= thr).to(tl.int32)  # this sweep starts converged: it is the polish sweep
-        # Parallel ordering: in round m every index i is paired with i ^ m, a perfect matching; over
-        # m = 1 .. P-1 every pair (i, j) meets exactly once (m = i ^ j), so a round applies P/2
-        # disjoint rotations at once and P - 1 rounds make a cyclic sweep.
-        for m in range(1, P):
-            k = r ^ m  # partner of each index, (P,)
-            pair = col == k[:, None]
-            a_ik = tl.sum(tl.where(pair, A, 0.0), axis=1)  # A[i, k(i)]
-            d_k = tl.gather(dia, k, axis=0)
-            a_ki = tl.gather(a_ik, k, axis=0)
-            is_p = r < k  # i is the lower index p of its pair (p, q)
-            app = tl.where(is_p, dia, d_k)
-            aqq = tl.where(is_p, d_k, dia)
-            # Both members of a pair see bitwise the same (app, aqq, apq), hence the same rotation,
-            # even though rounding leaves A symmetric only to ~1 ulp.
-            apq = 0.5 * (a_ik + a_ki)
-            # Below ~1 ulp of sqrt(a_pp a_qq) the pair is treated as decoupled: a_pq is dropped (a relative
-            # perturbation under fp32 rounding) instead of rotating, as every rotation, however small,
-            # rounds whole rows of A and columns of V.
-            nz = tl.abs(apq) > 5.96e-8 * tl.sqrt_rn(tl.abs(app) * tl.abs(aqq))
-            # Rutishauser's symmetric Schur pair (Golub & Van Loan 8.5.2), the smaller angle, with
-            # correctly rounded sqrt/div (approximate ones bias c^2 + s^2 away from 1).
-            tau = tl.div_rn(aqq - app, 2.0 * tl.where(nz, apq, 1.0))
-            t = tl.div_rn(tl.where(tau >= 0.0, 1.0, -1.0), tl.abs(tau) + tl.sqrt_rn(1.0 + tau * tau))
-            t = tl.where(nz, t, 0.0)  # also absorbs tau = inf (t = 0)
-            c = tl.div_rn(1.0, tl.sqrt_rn(1.0 + t * t))
-            sn = t * c
-            cs = tl.where(is_p, -sn, sn)  # row p <- c A_p - s A_q, row q <- s A_p + c A_q
-            # Applying the rotations elementwise with a register gather of the partner row/column
-            # costs O(P^2) per round; an explicit rotation matrix through tl.dot would cost O(P^3).
-            k_rows = tl.broadcast_to(k[:, None], (P, P))
-            k_cols = tl.broadcast_to(k[None, :], (P, P))
-            A = c[:, None] * A + cs[:, None] * tl.gather(A, k_rows, axis=0)
-            A = A * c[None, :] + tl.gather(A, k_cols, axis=1) * cs[None, :]
-            V = V * c[None, :] + tl.gather(V, k_cols, axis=1) * cs[None, :]
-            # The 2 x 2 blocks are finished by the accurate formulas a_pp - t a_pq, a_qq + t a_pq and an
-            # exact zero, not by the rounded two-sided product (which also saw A's zero diagonal).
-            dia = tl.where(is_p, app - t * apq, aqq + t * apq)
-            A = tl.where(eye | pair, 0.0, A)
+        A, dia, V = _jacobi_sweep(A, dia, V, r, col, eye, P)
         sweeps += 1
         off = tl.sqrt(tl.sum(tl.sum(A * A, axis=1), axis=0))
 
     # Each fp32 rotation is orthogonal only to ~1 ulp (c^2 + s^2 != 1), so after hundreds of them the
     # columns of V are off unit norm by ~1e-5; one Newton-Schulz polar step V (3I - V^T V) / 2 takes
     # that to ~1e-7 (beating LAPACK's ssyevd), and keeps warm starts U0 <- U from drifting across steps.
-    G = tl.dot(tl.trans(V), V, input_precision="ieee")
-    V = tl.dot(V, tl.where(eye, 1.5, 0.0) - 0.5 * G, input_precision="ieee")
+    V = _polar_step(V, eye)
     tl.store(s_ptr + b * n + r, dia, mask=r < n)
     tl.store(U_ptr + b * stride_ub + row * stride_ur + col * stride_uc, V, mask=real)
     tl.store(conv_ptr + b, (off <= thr).to(tl.int8))
@@ -129,6 +149,105 @@ def _jacobi_kernel(
 
 
 
+
+@triton.jit
+def _pair_rows(pairs_ptr, k, lane, HALF: tl.constexpr):
+    """Row indices (2 HALF,) of block pair k: block p's rows, then block q's."""
+    p = tl.load(pairs_ptr + 2 * k)
+    q = tl.load(pairs_ptr + 2 * k + 1)
+    return tl.where(lane < HALF, p * HALF + lane, q * HALF + lane - HALF)
+
+
+@triton.jit
+def _pair_sweep_kernel(
+    A_ptr, Q_ptr, pairs_ptr, active_ptr,
+    h,
+    stride_ab, stride_ar, stride_ac,
+    P: tl.constexpr,  # 2 * HALF: a block pair's subproblem
+    HALF: tl.constexpr,  # block size
+):
+    # One program per (matrix b, block pair k) of this round: one Jacobi sweep of the pair's diagonal
+    # subproblem, read in place through the pair's row indices; its rotation Q goes to Q[b * h + k].
+    pid = tl.program_id(0)
+    b = (pid // h).to(tl.int64)
+    if tl.load(active_ptr + b) != 0:  # a finished matrix costs one flag read
+        r = tl.arange(0, P)
+        col = r[None, :]
+        eye = r[:, None] == col
+        idx = _pair_rows(pairs_ptr, pid % h, r, HALF)
+        A = tl.load(A_ptr + b * stride_ab + idx[:, None] * stride_ar + idx[None, :] * stride_ac)
+        dia = tl.sum(tl.where(eye, A, 0.0), axis=1)
+        A = tl.where(eye, 0.0, A)
+        V = tl.where(eye, 1.0, 0.0)
+        A, dia, V = _jacobi_sweep(A, dia, V, r, col, eye, P)
+        # Orthogonal to ~1e-7 again: Q^T A Q with a Q off by ~1e-6 would no longer be similar to F, an
+        # error no later sweep can see or undo.
+        V = _polar_step(V, eye)
+        tl.store(Q_ptr + pid.to(tl.int64) * P * P + r[:, None] * P + col, V)
+
+
+@triton.jit
+def _pair_rotate_kernel(
+    A_ptr, V_ptr, Q_ptr, pairs_ptr, active_ptr,
+    h, n_tiles,
+    stride_ab, stride_ar, stride_ac,
+    stride_vb, stride_vr, stride_vc,
+    P: tl.constexpr,
+    HALF: tl.constexpr,
+    KC: tl.constexpr,  # reduction chunk: 64 x 64 x 64 fp32 FMA products in one tl.dot spill registers
+):
+    # Applies the round's block-diagonal rotation Q (in pair order) in place: A <- Q^T A Q, V <- V Q.
+    # Programs t < n_tiles own tile (i, j), i <= j, of A in pair coordinates: Q_i^T A_ij Q_j, also written
+    # mirrored to (j, i), so A stays exactly symmetric. The rest own a P-row strip of V times pair j.
+    # Operands stream from memory in KC-wide chunks; the intermediate A_ij Q_j goes back into the tile
+    # this program owns. Barriers order the in-place reads and writes within the program.
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1)
+    if tl.load(active_ptr + b) != 0:
+        r = tl.arange(0, P)
+        kk = tl.arange(0, KC)
+        q_base = Q_ptr + b * h * P * P
+        if t < n_tiles:
+            i, j = upper_tile(t)
+            ri = _pair_rows(pairs_ptr, i, r, HALF)
+            rj = _pair_rows(pairs_ptr, j, r, HALF)
+            a_base = A_ptr + b * stride_ab
+            acc = tl.zeros((P, P), dtype=tl.float32)
+            for k0 in range(0, P, KC):  # X = A_ij Q_j
+                cols = _pair_rows(pairs_ptr, j, k0 + kk, HALF)
+                Ac = tl.load(a_base + ri[:, None] * stride_ar + cols[None, :] * stride_ac)  # (P, KC)
+                Qc = tl.load(q_base + j * P * P + (k0 + kk)[:, None] * P + r[None, :])  # (KC, P)
+                acc = tl.dot(Ac, Qc, acc, input_precision="ieee")
+            tl.debug_barrier()
+            tl.store(a_base + ri[:, None] * stride_ar + rj[None, :] * stride_ac, acc)
+            tl.debug_barrier()
+            acc = tl.zeros((P, P), dtype=tl.float32)
+            for k0 in range(0, P, KC):  # Q_i^T X, Q_i^T read through transposed addresses
+                rows = _pair_rows(pairs_ptr, i, k0 + kk, HALF)
+                Qc = tl.load(q_base + i * P * P + (k0 + kk)[None, :] * P + r[:, None])  # (P, KC)
+                Xc = tl.load(a_base + rows[:, None] * stride_ar + rj[None, :] * stride_ac)  # (KC, P)
+                acc = tl.dot(Qc, Xc, acc, input_precision="ieee")
+            tl.debug_barrier()
+            # The tile and its mirror image through transposed addresses; a diagonal tile (i == j) writes
+            # its upper triangle both ways, which makes it exactly symmetric.
+            up = (r[:, None] <= r[None, :]) | (i != j)
+            strict = (r[:, None] < r[None, :]) | (i != j)
+            tl.store(a_base + ri[:, None] * stride_ar + rj[None, :] * stride_ac, acc, mask=up)
+            tl.store(a_base + rj[None, :] * stride_ar + ri[:, None] * stride_ac, acc, mask=strict)
+        else:
+            u = t - n_tiles
+            j = u % h
+            rows = (u // h) * P + r
+            v_base = V_ptr + b * stride_vb
+            acc = tl.zeros((P, P), dtype=tl.float32)
+            for k0 in range(0, P, KC):
+                cols = _pair_rows(pairs_ptr, j, k0 + kk, HALF)
+                Vc = tl.load(v_base + rows[:, None] * stride_vr + cols[None, :] * stride_vc)  # (P, KC)
+                Qc = tl.load(q_base + j * P * P + (k0 + kk)[:, None] * P + r[None, :])  # (KC, P)
+                acc = tl.dot(Vc, Qc, acc, input_precision="ieee")
+            tl.debug_barrier()
+            rj = _pair_rows(pairs_ptr, j, r, HALF)
+            tl.store(v_base + rows[:, None] * stride_vr + rj[None, :] * stride_vc, acc)
 
 def _jacobi_small(
     A: torch.Tensor, U0: torch.Tensor | None, cap: torch.Tensor | None, max_sweeps: int, tol: float
@@ -160,13 +279,12 @@ def _jacobi_small(
 
 
 @functools.lru_cache(maxsize=64)
-def _round_perms(nb: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Index permutations (n_pad,) for the nb - 1 rounds of a circle-method tournament over blocks.
+def _round_pairs(nb: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Block pairs (nb / 2, 2) int32 of each of the nb - 1 rounds of a circle-method tournament.
 
-    Round r pairs block nb-1 with r and (r + j) with (r - j) mod (nb - 1); listing each pair's two
-    blocks next to each other makes the k-th 2b x 2b diagonal block of A[perm][:, perm] subproblem k.
-    Built with device arange arithmetic (no host-to-device copy) and cached, so the first call can
-    happen during CUDA-graph capture.
+    Round r pairs block nb-1 with r and (r + j) with (r - j) mod (nb - 1); over the nb - 1 rounds every
+    two blocks meet once. Built with device arange arithmetic (no host-to-device copy) and cached, so the
+    first call can happen during CUDA-graph capture.
     """
     h = nb // 2
     rounds = []
@@ -174,9 +292,7 @@ def _round_perms(nb: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         j = torch.arange(1, h, device=device)
         p = torch.cat([torch.full((1,), nb - 1, device=device), (r + j) % (nb - 1)])
         q = torch.cat([torch.full((1,), r, device=device), (r - j) % (nb - 1)])
-        blocks = torch.stack([p, q], dim=1).reshape(-1)  # (nb,) block order
-        perm = (blocks[:, None] * _BLOCK + torch.arange(_BLOCK, device=device)).reshape(-1)
-        rounds.append(perm)
+        rounds.append(torch.stack([p, q], dim=1).to(torch.int32).contiguous())
     return tuple(rounds)
 
 
@@ -187,39 +303,41 @@ def _offdiag_norm(A: torch.Tensor) -> torch.Tensor:
 def _jacobi_block(
     A: torch.Tensor, V: torch.Tensor, cap: torch.Tensor, max_sweeps: int, tol: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Block Jacobi on padded (B, n_pad, n_pad) A (already in the warm basis) and V = U0 (padded)."""
+    """Block Jacobi on padded (B, n_pad, n_pad) A (already in the warm basis) and V = U0 (padded), in place.
+
+    Each round of a sweep gives its disjoint block pairs one inner sweep each (inexact block Jacobi:
+    solving them to convergence took 3x the inner sweeps for the same outer sweep count, as early rounds
+    are redone anyway) and applies their rotations to A and V: two launches per round. A matrix that is
+    done (or capped) is inactive for the rest: its kernels read one flag and return.
+    """
     B, n_pad, _ = A.shape
     nb = n_pad // _BLOCK
-    h, b2 = nb // 2, 2 * _BLOCK
+    h, P = nb // 2, 2 * _BLOCK
+    n_tiles = h * (h + 1) // 2
     thr = tol * A.square().sum((-2, -1)).sqrt()
     off = _offdiag_norm(A)
     sweeps = torch.zeros(B, dtype=torch.int32, device=A.device)
-    # One inner sweep per subproblem and round (inexact block Jacobi): solving them to convergence
-    # took 3x the inner sweeps for the same outer sweep count, as early rounds are redone anyway.
-    inner_tol, inner_max = tol, 1
-    perms = _round_perms(nb, A.device)
+    Q = torch.empty(B * h, P, P, dtype=torch.float32, device=A.device)
+    pairs = _round_pairs(nb, A.device)
     polished = torch.zeros(B, dtype=torch.bool, device=A.device)
-    for _ in range(max_sweeps):
-        # As in the kernel: one polish sweep after the criterion is met; NaN -> inactive.
-        active = (sweeps < cap) & ((off > thr) | ((off <= thr) & ~polished))  # (B,)
-        polished = polished | (active & (off <= thr))
-        inner_cap = torch.where(active, inner_max, 0).to(torch.int32).repeat_interleave(h)  # (B * h,)
-        for perm in perms:
-            Ap = A[:, perm][:, :, perm]  # (B, n_pad, n_pad), pairs of blocks adjacent
-            sub = Ap.view(B, h, b2, h, b2).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # (B, h, b2, b2)
-            _, Q, _, _ = _jacobi_small(sub.reshape(B * h, b2, b2), None, inner_cap, inner_max, inner_tol)
-            Q = Q.view(B, h, b2, b2)  # exact identity for inactive matrices: A, V stay bitwise
-            with full_fp32_matmul():
-                Ap = (Q.transpose(-1, -2) @ Ap.view(B, h, b2, n_pad)).view(B, n_pad, n_pad)
-                Ap = (Ap.view(B, n_pad, h, b2).transpose(1, 2) @ Q).transpose(1, 2).reshape(B, n_pad, n_pad)
-                Vp = (V[:, :, perm].view(B, n_pad, h, b2).transpose(1, 2) @ Q).transpose(1, 2)
-            inv = torch.empty_like(perm)
-            inv[perm] = torch.arange(n_pad, device=A.device)
-            Ap = 0.5 * (Ap + Ap.transpose(-1, -2))  # matmul rounding is not symmetric
-            A = Ap[:, inv][:, :, inv]
-            V = Vp.reshape(B, n_pad, n_pad)[:, :, inv]
-        sweeps += active.to(torch.int32)
-        off = _offdiag_norm(A)
+    with on_device(A):
+        for _ in range(max_sweeps):
+            # As in the register kernel: one polish sweep after the criterion is met; NaN -> inactive.
+            active = (sweeps < cap) & ((off > thr) | ((off <= thr) & ~polished))  # (B,)
+            polished = polished | (active & (off <= thr))
+            flags = active.to(torch.int8)
+            for round_pairs in pairs:
+                _pair_sweep_kernel[(B * h,)](
+                    A, Q, round_pairs, flags, h, A.stride(0), A.stride(1), A.stride(2), P=P, HALF=_BLOCK,
+                    num_warps=8,
+                )
+                _pair_rotate_kernel[(B, n_tiles + h * (n_pad // P))](
+                    A, V, Q, round_pairs, flags, h, n_tiles,
+                    A.stride(0), A.stride(1), A.stride(2), V.stride(0), V.stride(1), V.stride(2),
+                    P=P, HALF=_BLOCK, KC=16, num_warps=8,
+                )
+            sweeps += active.to(torch.int32)
+            off = _offdiag_norm(A)
     with full_fp32_matmul():  # polar step, as in the kernel: matmul rounding leaves V off orthogonal
         V = V @ (1.5 * torch.eye(n_pad, device=V.device) - 0.5 * (V.transpose(-1, -2) @ V))
     return A, V, off <= thr
@@ -270,7 +388,7 @@ def eigh_warm(
     the cap min(max_sweeps, sweeps_cap); converged says which. sweeps_cap may be a device int tensor,
     0-dim or (B,), read on the device: keep max_sweeps generous and pass the usual small cap in
     sweeps_cap, raising it on the device for an exact re-solve. For n <= 64 the headroom is free (the
-    sweep loop is on the device); for n > 64 all max_sweeps sweeps are launched, as no-ops once done.
+    sweep loop is on the device); for n > 64 all max_sweeps sweeps are launched, as no-ops that read a flag once done.
     tol must stay above the fp32 floor of the off-diagonal mass (~1e-6 for n in the hundreds), or
     converged stays False. No host synchronisation anywhere (CUDA-graph capturable).
     """

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ._launch import full_fp32_matmul, on_device
+from ._tiles import upper_tile
 
 __all__ = [
     "predictor_from_eigh",
@@ -61,11 +62,7 @@ def _predictor_kernel(
 ):
     b = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
-    # Upper tile (bm, bn), bm <= bn, from p = bn (bn + 1) / 2 + bm (float guess, integer fix-up).
-    bn = ((tl.sqrt((8 * pid + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
-    bn = tl.where(bn * (bn + 1) // 2 > pid, bn - 1, bn)
-    bn = tl.where((bn + 1) * (bn + 2) // 2 <= pid, bn + 1, bn)
-    bm = pid - bn * (bn + 1) // 2
+    bm, bn = upper_tile(pid)  # this program's tile of the upper triangle of W, bm <= bn
 
     # The keep-or-replace decision is global per matrix, so every program re-derives it: max(s) and
     # finiteness of s (O(n) reads), and the per-row-chunk U flags written by _rows_finite_kernel.

@@ -98,3 +98,17 @@ def test_cuda_kernel_matches_reference():
     x = images(64, 224, 224, True).cuda()
     p = sample_params(64, p_blur=0.5, p_solarize=0.5, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     torch.testing.assert_close(byol_augment_fused(x, p), byol_augment_ref(x, p), atol=3e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_augmentation_never_waits_on_the_host():
+    aug = BYOLAugment().cuda()
+    x = images(32, 64, 64, True).cuda()
+    aug(x, x)  # first call: kernel compilation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y1, y2 = aug(x, x)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(y1).all() and torch.isfinite(y2).all()

@@ -47,6 +47,10 @@ flags = dict(HAS_FIRST=True, HAS_VALID=True, HAS_MEAN=True)
 report = {
     "jacobi P=32": spills(eigh._jacobi_kernel, jacobi, dict(P=32, HAS_U0=True, HAS_CAP=True), 4),
     "jacobi P=64": spills(eigh._jacobi_kernel, jacobi, dict(P=64, HAS_U0=True, HAS_CAP=True), 8),
+    "pair sweep": spills(eigh._pair_sweep_kernel, dict(A_ptr=f32, Q_ptr=f32, pairs_ptr="*i32", active_ptr="*i8"),
+                         dict(P=64, HALF=32), 8),
+    "pair rotate": spills(eigh._pair_rotate_kernel, dict(A_ptr=f32, V_ptr=f32, Q_ptr=f32, pairs_ptr="*i32",
+                          active_ptr="*i8"), dict(P=64, HALF=32, KC=16), 8),
     "corr_ema fp32": spills(corr._corr_ema_kernel, ema, dict(BLOCK=64, BLOCK_N=32, FP32_DOT=True, **flags), 4),
     "corr_ema bf16": spills(corr._corr_ema_kernel, dict(ema, z_ptr="*bf16"),
                             dict(BLOCK=64, BLOCK_N=32, FP32_DOT=False, **flags), 4),
@@ -69,6 +73,7 @@ def test_kernels_compile_for_sm90_within_register_budget():
     # The fused kernels fit in registers. The 64 x 64 Jacobi program holds A and V (8192 fp32 values)
     # plus gather temporaries in 8 warps and spilled 616 bytes per thread when this test was written:
     # cached in L1, tolerable until a GPU measurement says otherwise; this guards it from growing.
-    fused = {name: size for name, size in spilled.items() if name != "jacobi P=64"}
+    register_jacobi = ("jacobi P=64", "pair sweep")  # the same 64 x 64 register sweep
+    fused = {name: size for name, size in spilled.items() if name not in register_jacobi}
     assert all(size == 0 for size in fused.values()), fused
-    assert spilled["jacobi P=64"] <= 1024, spilled
+    assert all(spilled[name] <= 1024 for name in register_jacobi), spilled

@@ -128,6 +128,22 @@ def test_per_matrix_cap_and_exact_resolve(device, n):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_block_path_leaves_finished_matrices_alone(device):
+    # n = 130: 5 blocks of 32, padded to 6. Per-matrix caps 0, 8 and 3 in one batch: the flags read by the
+    # kernels must stop each matrix at its own cap, a capped-at-0 one bitwise untouched (diag(F), identity).
+    n = 130
+    F = _wishart(3, n, 2 * n, device, seed=11)
+    cap = torch.tensor([0, 8, 3], dtype=torch.int32, device=device)
+    s, U, converged = eigh_warm(F, sweeps_cap=cap, max_sweeps=8)
+    assert converged.tolist() == [False, True, False]
+    assert torch.equal(s[0], torch.diagonal(F[0])) and torch.equal(U[0], torch.eye(n, device=device))
+    _assert_accurate(F[1:2], s[1:2], U[1:2])
+    s2, U2, _ = eigh_warm(F[2], max_sweeps=3)
+    torch.testing.assert_close(s[2], s2, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(U[2], U2, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_non_finite_input_stops_and_reports(device):
     F = _wishart(2, 16, 40, device, seed=8)
     F[1, 3, 5] = F[1, 5, 3] = float("nan")

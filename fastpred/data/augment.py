@@ -174,16 +174,19 @@ def byol_augment_fused(
     kernel_size: int | None = None,
     mean=IMAGENET_MEAN,
     std=IMAGENET_STD,
+    may_blur: bool = True,
 ) -> torch.Tensor:
-    """Same result as `byol_augment_ref`; the colour ops, solarize and normalisation of unblurred images run in one
-    Triton kernel, and only the blurred images take a second pass (blur, then solarize + normalise)."""
+    """Same result as `byol_augment_ref`, without a host sync; the colour ops, solarize and normalisation of
+    unblurred images run in one Triton kernel. Blur, then solarize + normalise, runs as a second pass over the
+    whole batch and is kept where p["blur"] is set: selecting the blurred subset first would need its size on
+    the host. may_blur=False (p_blur = 0) skips that pass."""
     from fastpred.data.color_triton import color_jitter
 
     y = color_jitter(x, p, mean, std, finish=~p["blur"])
-    idx = torch.nonzero(p["blur"]).flatten()  # a host sync; the blur subset size is data-dependent
-    if len(idx):
+    if may_blur:
         ks = kernel_size or blur_kernel_size(*x.shape[-2:])
-        y[idx] = solarize_normalize_ref(gaussian_blur_ref(y[idx], p["sigma"][idx], ks), p["solarize"][idx], mean, std)
+        blurred = solarize_normalize_ref(gaussian_blur_ref(y, p["sigma"], ks), p["solarize"], mean, std)
+        y = torch.where(_col(p["blur"]), blurred, y)
     return y
 
 
@@ -230,8 +233,11 @@ class ColorAugment(nn.Module):
     def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         p = params if params is not None else self.sample(len(x), x.device)
         use_triton = self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
-        fn = byol_augment_fused if use_triton else byol_augment_ref
-        return fn(x, p, kernel_size=self.kernel_size, mean=self.mean, std=self.std)
+        if use_triton:
+            return byol_augment_fused(
+                x, p, kernel_size=self.kernel_size, mean=self.mean, std=self.std, may_blur=self.p_blur > 0
+            )
+        return byol_augment_ref(x, p, kernel_size=self.kernel_size, mean=self.mean, std=self.std)
 
     def extra_repr(self) -> str:
         return (
