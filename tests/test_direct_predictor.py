@@ -240,3 +240,22 @@ def test_dtype_casts_keep_fp32_statistics():
     assert out.dtype == torch.bfloat16 and int(pred.num_folds) == 2
     trainable = DirectPredictor(8, trainable=True).half()
     assert trainable.W.dtype == torch.float16 and trainable.F.dtype == torch.float32  # a parameter follows the cast
+
+
+def test_works_inside_torch_compile():
+    # Users compile their whole model; the predictor's host-side control flow may graph-break, but the
+    # compiled run must give eager's outputs and state.
+    torch.manual_seed(0)
+    encoder = torch.nn.Linear(32, 16)
+    eager, compiled = DirectPredictor(16), DirectPredictor(16)
+
+    def step(pred, x):
+        return pred(encoder(x))
+
+    compiled_step = torch.compile(step)
+    for _ in range(4):
+        x = torch.randn(64, 32)
+        torch.testing.assert_close(compiled_step(compiled, x), step(eager, x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled.F, eager.F, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(compiled.W, eager.W, rtol=1e-5, atol=1e-6)
+    assert int(compiled.num_folds) == int(eager.num_folds) == 4

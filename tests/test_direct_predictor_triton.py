@@ -27,6 +27,17 @@ def test_stream_matches_float64_contract(rho, alpha, device):
     assert int(pred.unconverged_solves) == 0
 
 
+def test_block_solver_stream_matches_float64_contract():
+    # d = 96: three blocks of 32 padded to four, the block Jacobi path (d > 64) with warm starts; rho = 0.3
+    # moves F the most between refreshes. (Interpreted, ~20 s per step: kept short.)
+    rho = 0.3
+    batches = decaying_features(192, 96, steps=5, seed=25, decay=0.95)
+    pred = DirectPredictor(96, rho=rho, backend="triton")
+    got = run_module(pred, batches, "cpu")
+    assert_stream_matches(got, batches, rho=rho, eps=0.1, alpha=0.5, freq=1, floor=TRITON_FLOOR)
+    assert int(pred.unconverged_solves) == 0
+
+
 def _hard_spectrum_batches(kind: str) -> tuple[list[torch.Tensor], float]:
     g = torch.Generator().manual_seed(21)
     d = 16
