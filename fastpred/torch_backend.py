@@ -9,6 +9,8 @@ fold (`fold_ema_`) alone decides on the device.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastpred.numerics import full_fp32_matmul
@@ -42,7 +44,10 @@ def fold_(F: torch.Tensor, z: torch.Tensor, rho: float, *, first: bool) -> bool:
         else:
             blocks = feature_blocks(z, F.shape[0])
             folded = torch.baddbmm(F, blocks.mT, blocks, beta=beta, alpha=alpha)
-    valid = bool(diagonal_is_finite(folded))
+    # The host reads one scalar, the trace: NaN or inf whenever a diagonal entry is (see `diagonal_is_finite`;
+    # the entries are >= 0, so nothing cancels), and ~20 us cheaper on the CPU than isfinite().all(). It also
+    # overflows when the entries sum past fp32's range; such a batch is skipped as an overflow.
+    valid = math.isfinite(folded.diagonal(dim1=-2, dim2=-1).sum().item())
     if valid:
         F.copy_(folded)
     return valid
