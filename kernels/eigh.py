@@ -10,9 +10,10 @@ tol * ||A||_F or the sweep cap is hit; the result says which, per matrix, as a d
 - n > 64: block Jacobi over blocks of 32, in place: each round gives the disjoint 64 x 64 block-pair
   subproblems one sweep of the same register code (read through index arithmetic, no permuted copies)
   and applies their rotations to A (one triangle of 64 x 64 tiles, mirrored) and V with IEEE fp32
-  tl.dot: two launches per round, nb - 1 rounds per sweep for nb blocks. The sweep loop runs on the
-  host for max_sweeps iterations without waiting on the device; a matrix that is done is flagged
-  inactive on the device and its kernels return after reading the flag.
+  tl.dot: two launches per round, nb - 1 rounds per sweep for nb blocks, and a status kernel per sweep
+  that sums the off-diagonal mass (from per-tile shares, in a fixed order) and sets the flags. The sweep
+  loop runs on the host for max_sweeps iterations without waiting on the device; a matrix that is done
+  is flagged inactive on the device and its kernels return after reading the flag.
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ def _pair_sweep_kernel(
 
 @triton.jit
 def _pair_rotate_kernel(
-    A_ptr, V_ptr, Q_ptr, pairs_ptr, active_ptr,
+    A_ptr, V_ptr, Q_ptr, pairs_ptr, active_ptr, part_ptr,
     h, n_tiles,
     stride_ab, stride_ar, stride_ac,
     stride_vb, stride_vr, stride_vc,
@@ -234,6 +235,10 @@ def _pair_rotate_kernel(
             strict = (r[:, None] < r[None, :]) | (i != j)
             tl.store(a_base + ri[:, None] * stride_ar + rj[None, :] * stride_ac, acc, mask=up)
             tl.store(a_base + rj[None, :] * stride_ar + ri[:, None] * stride_ac, acc, mask=strict)
+            # This tile's share of the off-diagonal mass, mirror included; after a sweep's last round the
+            # shares cover A once (the status kernel sums them in a fixed order: deterministic).
+            off_tile = tl.where((r[:, None] < r[None, :]) | (i != j), acc * acc, 0.0)
+            tl.store(part_ptr + b * n_tiles + t, 2.0 * tl.sum(tl.sum(off_tile, axis=1), axis=0))
         else:
             u = t - n_tiles
             j = u % h
@@ -248,6 +253,31 @@ def _pair_rotate_kernel(
             tl.debug_barrier()
             rj = _pair_rows(pairs_ptr, j, r, HALF)
             tl.store(v_base + rows[:, None] * stride_vr + rj[None, :] * stride_vc, acc)
+
+@triton.jit
+def _sweep_status_kernel(
+    part_ptr, off_ptr, thr_ptr, cap_ptr, sweeps_ptr, polished_ptr, active_ptr,
+    n_tiles,
+    BLOCK: tl.constexpr,
+):
+    # After a sweep, per matrix: off = sqrt(sum of the tile shares), one more sweep counted, and whether the
+    # next sweep runs (the register kernel's loop condition: below tol, one polish sweep; NaN stops).
+    b = tl.program_id(0).to(tl.int64)
+    if tl.load(active_ptr + b) != 0:
+        offs = tl.arange(0, BLOCK)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, n_tiles, BLOCK):
+            acc += tl.load(part_ptr + b * n_tiles + k0 + offs, mask=k0 + offs < n_tiles, other=0.0)
+        off = tl.sqrt(tl.sum(acc, axis=0))
+        sweeps = tl.load(sweeps_ptr + b) + 1
+        thr = tl.load(thr_ptr + b)
+        polished = tl.load(polished_ptr + b)
+        go = (sweeps < tl.load(cap_ptr + b)) & ((off > thr) | ((off <= thr) & (polished == 0)))
+        tl.store(off_ptr + b, off)
+        tl.store(sweeps_ptr + b, sweeps)
+        tl.store(polished_ptr + b, tl.where(go & (off <= thr), 1, polished).to(tl.int8))
+        tl.store(active_ptr + b, go.to(tl.int8))
+
 
 def _jacobi_small(
     A: torch.Tensor, U0: torch.Tensor | None, cap: torch.Tensor | None, max_sweeps: int, tol: float
@@ -316,28 +346,29 @@ def _jacobi_block(
     n_tiles = h * (h + 1) // 2
     thr = tol * A.square().sum((-2, -1)).sqrt()
     off = _offdiag_norm(A)
+    # Device state of the sweep loop, updated by _sweep_status_kernel after every sweep (one launch, no
+    # host sync); the first sweep's flags come from the same condition here.
+    cap = cap.to(torch.int32).contiguous()
     sweeps = torch.zeros(B, dtype=torch.int32, device=A.device)
+    active = (sweeps < cap) & (off == off)  # NaN -> inactive
+    polished = (active & (off <= thr)).to(torch.int8)
+    flags = active.to(torch.int8)
+    parts = torch.empty(B, n_tiles, dtype=torch.float32, device=A.device)
     Q = torch.empty(B * h, P, P, dtype=torch.float32, device=A.device)
     pairs = _round_pairs(nb, A.device)
-    polished = torch.zeros(B, dtype=torch.bool, device=A.device)
     with on_device(A):
         for _ in range(max_sweeps):
-            # As in the register kernel: one polish sweep after the criterion is met; NaN -> inactive.
-            active = (sweeps < cap) & ((off > thr) | ((off <= thr) & ~polished))  # (B,)
-            polished = polished | (active & (off <= thr))
-            flags = active.to(torch.int8)
             for round_pairs in pairs:
                 _pair_sweep_kernel[(B * h,)](
                     A, Q, round_pairs, flags, h, A.stride(0), A.stride(1), A.stride(2), P=P, HALF=_BLOCK,
                     num_warps=8,
                 )
                 _pair_rotate_kernel[(B, n_tiles + h * (n_pad // P))](
-                    A, V, Q, round_pairs, flags, h, n_tiles,
+                    A, V, Q, round_pairs, flags, parts, h, n_tiles,
                     A.stride(0), A.stride(1), A.stride(2), V.stride(0), V.stride(1), V.stride(2),
                     P=P, HALF=_BLOCK, KC=16, num_warps=8,
                 )
-            sweeps += active.to(torch.int32)
-            off = _offdiag_norm(A)
+            _sweep_status_kernel[(B,)](parts, off, thr, cap, sweeps, polished, flags, n_tiles, BLOCK=128)
     with full_fp32_matmul():  # polar step, as in the kernel: matmul rounding leaves V off orthogonal
         V = V @ (1.5 * torch.eye(n_pad, device=V.device) - 0.5 * (V.transpose(-1, -2) @ V))
     return A, V, off <= thr
