@@ -1,7 +1,7 @@
 """Fused Triton kernels of fastpred, each with a pure-PyTorch reference beside it.
 
 Correlation EMA (`corr_ema.py`):
-    corr_ema(F, z, rho, *, first=None, valid=None, mean=None) -> F       F <- rho F + (1 - rho) z^T z / N
+    corr_ema(F, z, rho, *, first=None, valid=None, mean=None, splits=None) -> F   F <- rho F + (1 - rho) z^T z / N
     corr_ema_ref(...)                                                    same, float64 torch
 Eigensolver (`eigh.py`):
     eigh_warm(F, U0=None, *, max_sweeps, tol, sweeps_cap) -> (s, U, converged)   warm-started Jacobi, fp32

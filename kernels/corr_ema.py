@@ -7,6 +7,7 @@ into the lower triangle by the program that computed it, so F stays exactly symm
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -17,6 +18,76 @@ from ._launch import on_device
 from ._tiles import upper_tile
 
 __all__ = ["corr_ema", "corr_ema_ref"]
+
+
+@triton.jit
+def _flags(first_ptr, valid_ptr, HAS_FIRST: tl.constexpr, HAS_VALID: tl.constexpr):
+    is_first = False
+    if HAS_FIRST:
+        is_first = tl.load(first_ptr) != 0
+    is_valid = True
+    if HAS_VALID:
+        is_valid = tl.load(valid_ptr) != 0
+    return is_first, is_valid
+
+
+@triton.jit
+def _gram_tile(
+    z_ptr, N, d, stride_zn, stride_zd, row_start, row_end, bm, bn,
+    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr, HAS_MEAN: tl.constexpr,
+):
+    """Tile (bm, bn) of z[rows]^T z[rows] over rows [row_start, row_end), fp32, and the column sums of tile bn."""
+    offs_m = bm * BLOCK + tl.arange(0, BLOCK)
+    offs_n = bn * BLOCK + tl.arange(0, BLOCK)
+    offs_k = tl.arange(0, BLOCK_N)
+    mask_m = offs_m < d
+    mask_n = offs_n < d
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    col_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(row_start, row_end, BLOCK_N):
+        rows = k0 + offs_k
+        in_rows = rows < row_end
+        zm = tl.load(z_ptr + rows[:, None] * stride_zn + offs_m[None, :] * stride_zd,
+                     mask=in_rows[:, None] & mask_m[None, :], other=0.0)  # (BLOCK_N, BLOCK)
+        zn = tl.load(z_ptr + rows[:, None] * stride_zn + offs_n[None, :] * stride_zd,
+                     mask=in_rows[:, None] & mask_n[None, :], other=0.0)  # (BLOCK_N, BLOCK)
+        if FP32_DOT:
+            zm = zm.to(tl.float32)
+            zn = zn.to(tl.float32)
+            acc = tl.dot(tl.trans(zm), zn, acc, input_precision="ieee")
+        else:
+            # bf16/fp16 products are exact in fp32 and the tensor-core accumulator is fp32.
+            acc = tl.dot(tl.trans(zm), zn, acc, out_dtype=tl.float32)
+        if HAS_MEAN:
+            col_sum += tl.sum(zn.to(tl.float32), axis=0)
+    return acc, col_sum
+
+
+@triton.jit
+def _ema_store(
+    acc, col_sum, F_ptr, mean_ptr, N, d, bm, bn, rho, scale_new, scale_first, is_first, is_valid,
+    BLOCK: tl.constexpr, HAS_MEAN: tl.constexpr,
+):
+    """F[tile] <- acc / N (first) or rho F[tile] + (1 - rho) acc / N, mirrored; nothing when not is_valid."""
+    offs_m = bm * BLOCK + tl.arange(0, BLOCK)
+    offs_n = bn * BLOCK + tl.arange(0, BLOCK)
+    mask_m = offs_m < d
+    mask_n = offs_n < d
+    tile = offs_m[:, None] * d + offs_n[None, :]
+    mirror = offs_n[None, :] * d + offs_m[:, None]
+    in_bounds = mask_m[:, None] & mask_n[None, :]
+    # F is symmetric: read only the upper triangle. When `first`, F may hold garbage (even NaN),
+    # so it is not read at all rather than multiplied by zero.
+    F_old = tl.load(F_ptr + tile, mask=in_bounds & (is_first == 0), other=0.0)
+    F_new = tl.where(is_first, acc * scale_first, rho * F_old + scale_new * acc)
+    # Diagonal tiles: the upper half (incl. the diagonal) is stored as is and mirrored into the lower
+    # half, so F is exactly symmetric even if the tile product is not bitwise symmetric.
+    upper = (offs_m[:, None] <= offs_n[None, :]) | (bm != bn)
+    strict = (offs_m[:, None] < offs_n[None, :]) | (bm != bn)
+    tl.store(F_ptr + tile, F_new, mask=in_bounds & upper & is_valid)
+    tl.store(F_ptr + mirror, F_new, mask=in_bounds & strict & is_valid)
+    if HAS_MEAN:
+        tl.store(mean_ptr + offs_n, col_sum / N, mask=mask_n & (bm == bn) & is_valid)
 
 
 @triton.jit
@@ -32,57 +103,62 @@ def _corr_ema_kernel(
     HAS_VALID: tl.constexpr,  # read the device flag `valid`
     HAS_MEAN: tl.constexpr,  # write z.mean(0) from the diagonal tiles
 ):
-    bm, bn = upper_tile(tl.program_id(0))  # this program's tile of the upper triangle, bm <= bn
-
-    is_first = False
-    if HAS_FIRST:
-        is_first = tl.load(first_ptr) != 0
-    is_valid = True
-    if HAS_VALID:
-        is_valid = tl.load(valid_ptr) != 0
-    keep_old = is_first == 0  # read F only when the EMA does not start here
+    # One program per tile of the upper triangle, over all N rows.
+    bm, bn = upper_tile(tl.program_id(0))
+    is_first, is_valid = _flags(first_ptr, valid_ptr, HAS_FIRST, HAS_VALID)
     # An invalid batch (non-finite values upstream) must not be read into F at all: skip the loop.
-    n_end = tl.where(is_valid, N, 0)
+    acc, col_sum = _gram_tile(z_ptr, N, d, stride_zn, stride_zd, 0, tl.where(is_valid, N, 0), bm, bn,
+                              BLOCK, BLOCK_N, FP32_DOT, HAS_MEAN)
+    _ema_store(acc, col_sum, F_ptr, mean_ptr, N, d, bm, bn, rho, scale_new, scale_first, is_first, is_valid,
+               BLOCK, HAS_MEAN)
 
-    offs_m = bm * BLOCK + tl.arange(0, BLOCK)
-    offs_n = bn * BLOCK + tl.arange(0, BLOCK)
-    offs_k = tl.arange(0, BLOCK_N)
-    mask_m = offs_m < d
-    mask_n = offs_n < d
+
+@triton.jit
+def _corr_partial_kernel(
+    z_ptr, part_ptr, colsum_ptr, valid_ptr,
+    N, d, rows_per_split,
+    stride_zn, stride_zd,
+    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr, HAS_VALID: tl.constexpr,
+    HAS_MEAN: tl.constexpr,
+):
+    # Split-K, stage 1: program (tile t, split s) sums rows [s * rows_per_split, ...) into part[s, t].
+    t = tl.program_id(0)
+    sp = tl.program_id(1)
+    bm, bn = upper_tile(t)
+    _, is_valid = _flags(valid_ptr, valid_ptr, False, HAS_VALID)
+    start = sp * rows_per_split
+    end = tl.where(is_valid, tl.minimum(start + rows_per_split, N), start)
+    acc, col_sum = _gram_tile(z_ptr, N, d, stride_zn, stride_zd, start, end, bm, bn,
+                              BLOCK, BLOCK_N, FP32_DOT, HAS_MEAN)
+    r = tl.arange(0, BLOCK)
+    base = (sp.to(tl.int64) * tl.num_programs(0) + t) * BLOCK
+    tl.store(part_ptr + (base + r[:, None]) * BLOCK + r[None, :], acc)
+    if HAS_MEAN:
+        tl.store(colsum_ptr + base + r, col_sum)
+
+
+@triton.jit
+def _corr_finish_kernel(
+    part_ptr, colsum_ptr, F_ptr, mean_ptr, first_ptr, valid_ptr,
+    N, d, splits,
+    rho, scale_new, scale_first,
+    BLOCK: tl.constexpr, HAS_FIRST: tl.constexpr, HAS_VALID: tl.constexpr, HAS_MEAN: tl.constexpr,
+):
+    # Split-K, stage 2: the splits of tile t summed in a fixed order (deterministic), then the EMA.
+    t = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    bm, bn = upper_tile(t)
+    is_first, is_valid = _flags(first_ptr, valid_ptr, HAS_FIRST, HAS_VALID)
+    r = tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     col_sum = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k0 in range(0, n_end, BLOCK_N):
-        rows = k0 + offs_k
-        zm = tl.load(z_ptr + rows[:, None] * stride_zn + offs_m[None, :] * stride_zd,
-                     mask=(rows[:, None] < N) & mask_m[None, :], other=0.0)  # (BLOCK_N, BLOCK)
-        zn = tl.load(z_ptr + rows[:, None] * stride_zn + offs_n[None, :] * stride_zd,
-                     mask=(rows[:, None] < N) & mask_n[None, :], other=0.0)  # (BLOCK_N, BLOCK)
-        if FP32_DOT:
-            zm = zm.to(tl.float32)
-            zn = zn.to(tl.float32)
-            acc = tl.dot(tl.trans(zm), zn, acc, input_precision="ieee")
-        else:
-            # bf16/fp16 products are exact in fp32 and the tensor-core accumulator is fp32.
-            acc = tl.dot(tl.trans(zm), zn, acc, out_dtype=tl.float32)
+    for sp in range(0, splits):
+        base = (sp * n_prog + t).to(tl.int64) * BLOCK
+        acc += tl.load(part_ptr + (base + r[:, None]) * BLOCK + r[None, :])
         if HAS_MEAN:
-            col_sum += tl.sum(zn.to(tl.float32), axis=0)
-
-    tile = offs_m[:, None] * d + offs_n[None, :]
-    mirror = offs_n[None, :] * d + offs_m[:, None]
-    in_bounds = mask_m[:, None] & mask_n[None, :]
-    # F is symmetric: read only the upper triangle. When `first`, F may hold garbage (even NaN),
-    # so it is not read at all rather than multiplied by zero.
-    F_old = tl.load(F_ptr + tile, mask=in_bounds & keep_old, other=0.0)
-    F_new = tl.where(is_first, acc * scale_first, rho * F_old + scale_new * acc)
-    # Diagonal tiles: the upper half (incl. the diagonal) is stored as is and mirrored into the lower
-    # half, so F is exactly symmetric even if the tile product is not bitwise symmetric.
-    diag_tile = bm == bn
-    upper = (offs_m[:, None] <= offs_n[None, :]) | (bm != bn)
-    strict = (offs_m[:, None] < offs_n[None, :]) | (bm != bn)
-    tl.store(F_ptr + tile, F_new, mask=in_bounds & upper & is_valid)
-    tl.store(F_ptr + mirror, F_new, mask=in_bounds & strict & is_valid)
-    if HAS_MEAN:
-        tl.store(mean_ptr + offs_n, col_sum / N, mask=mask_n & diag_tile & is_valid)
+            col_sum += tl.load(colsum_ptr + base + r)
+    _ema_store(acc, col_sum, F_ptr, mean_ptr, N, d, bm, bn, rho, scale_new, scale_first, is_first, is_valid,
+               BLOCK, HAS_MEAN)
 
 
 def _interpreting() -> bool:
@@ -132,6 +208,7 @@ def corr_ema(
     first: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
     mean: torch.Tensor | None = None,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """Fold the correlation of a batch into its EMA, in place: F <- rho F + (1 - rho) z^T z / N.
 
@@ -140,9 +217,14 @@ def corr_ema(
     first: optional 0-dim int/bool tensor on z's device; when nonzero, F <- z^T z / N (F is not read).
     valid: optional 0-dim int/bool tensor; when zero nothing is written (F and mean untouched).
     mean: optional (d,) float32 output receiving z.mean(0), computed in the same pass.
+    splits: how many slices of the N rows are reduced in parallel (split-K; a second launch sums them in
+    a fixed order). None picks enough to give a GPU about two programs per SM when d alone gives few
+    tiles (d = 256: 10 tiles of 64 x 64), and 1 on the CPU.
     Both flags are read on the device: no host synchronisation, CUDA-graph capturable. Returns F.
     """
     _check(F, z, rho, mean)
+    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"corr_ema: splits must be None or an int >= 1, got {splits!r}")
     N, d = z.shape
     first_t = _flag(first, "first", z.device)
     valid_t = _flag(valid, "valid", z.device)
@@ -151,21 +233,50 @@ def corr_ema(
     BLOCK = 16 if d <= 16 else 32 if d <= 32 else 64
     BLOCK_N = 32
     n_tiles = triton.cdiv(d, BLOCK)
-    grid = (n_tiles * (n_tiles + 1) // 2,)
+    n_prog = n_tiles * (n_tiles + 1) // 2
+    if splits is None:
+        splits = _auto_splits(z, n_prog, N, BLOCK_N)
+    rows_per_split = triton.cdiv(triton.cdiv(N, splits), BLOCK_N) * BLOCK_N
+    splits = triton.cdiv(N, rows_per_split)  # no empty slice
+    # The Triton interpreter (3.8) returns garbage for bf16 tl.dot, so it takes the fp32 route there.
+    fp32_dot = z.dtype == torch.float32 or (z.dtype == torch.bfloat16 and _interpreting())
+    has = dict(HAS_FIRST=first_t is not None, HAS_VALID=valid_t is not None, HAS_MEAN=mean is not None)
+    mean_arg = mean if mean is not None else F
+    first_arg = first_t if first_t is not None else F
+    valid_arg = valid_t if valid_t is not None else F
+    scales = (float(rho), (1.0 - float(rho)) / N, 1.0 / N)
     with on_device(z):
-        _corr_ema_kernel[grid](
-            z, F, mean if mean is not None else F, first_t if first_t is not None else F,
-            valid_t if valid_t is not None else F,
-            N, d,
-            z.stride(0), z.stride(1),
-            float(rho), (1.0 - float(rho)) / N, 1.0 / N,
-            BLOCK=BLOCK, BLOCK_N=BLOCK_N,
-            # The Triton interpreter (3.8) returns garbage for bf16 tl.dot, so it takes the fp32 route there.
-            FP32_DOT=z.dtype == torch.float32 or (z.dtype == torch.bfloat16 and _interpreting()),
-            HAS_FIRST=first_t is not None, HAS_VALID=valid_t is not None, HAS_MEAN=mean is not None,
-            num_warps=4,
-        )
+        if splits == 1:
+            _corr_ema_kernel[(n_prog,)](
+                z, F, mean_arg, first_arg, valid_arg, N, d, z.stride(0), z.stride(1), *scales,
+                BLOCK=BLOCK, BLOCK_N=BLOCK_N, FP32_DOT=fp32_dot, **has, num_warps=4,
+            )
+        else:
+            part = torch.empty(splits, n_prog, BLOCK, BLOCK, dtype=torch.float32, device=z.device)
+            colsum = torch.empty(splits, n_prog, BLOCK, dtype=torch.float32, device=z.device)
+            _corr_partial_kernel[(n_prog, splits)](
+                z, part, colsum, valid_arg, N, d, rows_per_split, z.stride(0), z.stride(1),
+                BLOCK=BLOCK, BLOCK_N=BLOCK_N, FP32_DOT=fp32_dot, HAS_VALID=has["HAS_VALID"],
+                HAS_MEAN=has["HAS_MEAN"], num_warps=4,
+            )
+            _corr_finish_kernel[(n_prog,)](
+                part, colsum, F, mean_arg, first_arg, valid_arg, N, d, splits, *scales,
+                BLOCK=BLOCK, **has, num_warps=4,
+            )
     return F
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _auto_splits(z: torch.Tensor, n_prog: int, N: int, block_n: int) -> int:
+    if not z.is_cuda:
+        return 1
+    sms = _sm_count(z.device.index if z.device.index is not None else torch.cuda.current_device())
+    # About two programs per SM, and slices of at least 8 row blocks so the second pass stays small.
+    return max(1, min(triton.cdiv(2 * sms, n_prog), triton.cdiv(N, 8 * block_n)))
 
 
 def corr_ema_ref(
@@ -176,8 +287,10 @@ def corr_ema_ref(
     first: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
     mean: torch.Tensor | None = None,
+    splits: int | None = None,
 ) -> torch.Tensor:
-    """Reference of `corr_ema` (same arguments, same in-place semantics), accumulated in float64.
+    """Reference of `corr_ema` (same arguments, same in-place semantics), accumulated in float64; splits,
+    a scheduling choice of the kernel, changes nothing here.
 
     The flags are applied with torch.where, so this path does not synchronise with the host either.
     """

@@ -48,6 +48,29 @@ def test_matches_float64(device, dtype, N, d):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("N", "splits"), [(1, 3), (257, 2), (257, 5), (300, 40)])
+def test_split_k_matches_float64(device, N, splits):
+    # Slices of N reduced in parallel, then summed in a fixed order; flags and mean as without splits.
+    torch.manual_seed(N + splits)
+    z = torch.randn(2 * N, 70, device=device)[::2] + 0.5  # strided rows
+    F0 = _sym(70, device)
+    F, mean = F0.clone(), torch.full((70,), float("nan"), device=device)
+    corr_ema(F, z, 0.3, mean=mean, splits=splits)
+    ref = _oracle(F0, z, 0.3)
+    err_plain = (_plain_fp32(F0, z, 0.3).double() - ref).abs().max()
+    assert (F.double() - ref).abs().max() <= 2 * err_plain + 1e-6 * ref.abs().max()
+    assert torch.equal(F, F.T)
+    torch.testing.assert_close(mean.double(), z.double().mean(0), rtol=1e-5, atol=1e-6)
+    again = F0.clone()
+    corr_ema(again, z, 0.3, splits=splits)
+    assert torch.equal(again, F)  # deterministic
+    corr_ema(again, z, 0.3, splits=splits, valid=torch.tensor(False, device=device), mean=mean)
+    assert torch.equal(again, F)
+    corr_ema(again, z, 0.3, splits=splits, first=torch.tensor(True, device=device))
+    torch.testing.assert_close(again.double(), z.double().T @ z.double() / N, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_strided_input(device):
     torch.manual_seed(0)
     big = torch.randn(300, 220, device=device)
@@ -128,6 +151,8 @@ def test_bad_arguments_raise_one_line():
         (F, z, 0.5, {"valid": torch.tensor(1.0)}),  # flag not integer
         (F, z, 0.5, {"first": True}),  # flag not a tensor
         (F, z, 0.5, {"mean": torch.zeros(5)}),
+        (F, z, 0.5, {"splits": 0}),
+        (F, z, 0.5, {"splits": 2.0}),
     ]
     for F_, z_, rho, kw in cases:
         with pytest.raises(ValueError, match="corr_ema") as info:
