@@ -20,18 +20,11 @@ from fastpred.torch_backend import diagonal_is_finite
 FULL_SWEEPS = 12
 
 
-def _fold_groups_(F: torch.Tensor, z: torch.Tensor, rho: float, first: torch.Tensor | None = None) -> None:
-    """corr_ema on every feature block: F[g] <- rho F[g] + (1 - rho) z_g^T z_g / N, in place."""
-    m = F.shape[-1]
-    for g in range(F.shape[0]):  # strided column slices: the kernel reads them in place
-        corr_ema(F[g], z[:, g * m : (g + 1) * m], rho, first=first)
-
-
 def grouped_gram(z: torch.Tensor, groups: int) -> torch.Tensor:
-    """Sum of outer products per feature block: (N, G*m) -> (G, m, m), by the fused kernel."""
+    """Sum of outer products per feature block: (N, G*m) -> (G, m, m), by the fused kernel (one launch)."""
     n, d = z.shape
     C = torch.zeros(groups, d // groups, d // groups, dtype=torch.float32, device=z.device)
-    _fold_groups_(C, z, 0.0)  # rho = 0: C <- z^T z / N
+    corr_ema(C, z, 0.0)  # rho = 0: C[g] <- z_g^T z_g / N
     return C * n
 
 
@@ -42,7 +35,7 @@ def fold_(F: torch.Tensor, z: torch.Tensor, rho: float, first: torch.Tensor) -> 
     dropped whole (returns valid = False, 0-dim bool) and F is never poisoned.
     """
     folded = F.clone()
-    _fold_groups_(folded, z, rho, first)
+    corr_ema(folded, z, rho, first=first)  # every feature block in one launch
     valid = diagonal_is_finite(folded)
     F.copy_(torch.where(valid, folded, F))
     return valid

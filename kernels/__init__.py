@@ -2,6 +2,7 @@
 
 Correlation EMA (`corr_ema.py`):
     corr_ema(F, z, rho, *, first=None, valid=None, mean=None, splits=None) -> F   F <- rho F + (1 - rho) z^T z / N
+                                                                         (F (d, d), or (G, m, m) per feature block)
     corr_ema_ref(...)                                                    same, float64 torch
 Eigensolver (`eigh.py`):
     eigh_warm(F, U0=None, *, max_sweeps, tol, sweeps_cap) -> (s, U, converged)   warm-started Jacobi, fp32

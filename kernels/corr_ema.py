@@ -103,8 +103,12 @@ def _corr_ema_kernel(
     HAS_VALID: tl.constexpr,  # read the device flag `valid`
     HAS_MEAN: tl.constexpr,  # write z.mean(0) from the diagonal tiles
 ):
-    # One program per tile of the upper triangle, over all N rows.
+    # One program per tile of the upper triangle of one feature block g (axis 1), over all N rows.
     bm, bn = upper_tile(tl.program_id(0))
+    g = tl.program_id(1).to(tl.int64)
+    z_ptr += g * d * stride_zd
+    F_ptr += g * d * d
+    mean_ptr += g * d
     is_first, is_valid = _flags(first_ptr, valid_ptr, HAS_FIRST, HAS_VALID)
     # An invalid batch (non-finite values upstream) must not be read into F at all: skip the loop.
     acc, col_sum = _gram_tile(z_ptr, N, d, stride_zn, stride_zd, 0, tl.where(is_valid, N, 0), bm, bn,
@@ -121,9 +125,11 @@ def _corr_partial_kernel(
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr, HAS_VALID: tl.constexpr,
     HAS_MEAN: tl.constexpr,
 ):
-    # Split-K, stage 1: program (tile t, split s) sums rows [s * rows_per_split, ...) into part[s, t].
+    # Split-K, stage 1: program (tile t, split s, block g) sums rows [s * rows_per_split, ...) into part[g, s, t].
     t = tl.program_id(0)
     sp = tl.program_id(1)
+    g = tl.program_id(2).to(tl.int64)
+    z_ptr += g * d * stride_zd
     bm, bn = upper_tile(t)
     _, is_valid = _flags(valid_ptr, valid_ptr, False, HAS_VALID)
     start = sp * rows_per_split
@@ -131,7 +137,7 @@ def _corr_partial_kernel(
     acc, col_sum = _gram_tile(z_ptr, N, d, stride_zn, stride_zd, start, end, bm, bn,
                               BLOCK, BLOCK_N, FP32_DOT, HAS_MEAN)
     r = tl.arange(0, BLOCK)
-    base = (sp.to(tl.int64) * tl.num_programs(0) + t) * BLOCK
+    base = ((g * tl.num_programs(1) + sp) * tl.num_programs(0) + t) * BLOCK
     tl.store(part_ptr + (base + r[:, None]) * BLOCK + r[None, :], acc)
     if HAS_MEAN:
         tl.store(colsum_ptr + base + r, col_sum)
@@ -144,16 +150,19 @@ def _corr_finish_kernel(
     rho, scale_new, scale_first,
     BLOCK: tl.constexpr, HAS_FIRST: tl.constexpr, HAS_VALID: tl.constexpr, HAS_MEAN: tl.constexpr,
 ):
-    # Split-K, stage 2: the splits of tile t summed in a fixed order (deterministic), then the EMA.
+    # Split-K, stage 2: the splits of tile t of block g summed in a fixed order (deterministic), then the EMA.
     t = tl.program_id(0)
     n_prog = tl.num_programs(0)
+    g = tl.program_id(1).to(tl.int64)
+    F_ptr += g * d * d
+    mean_ptr += g * d
     bm, bn = upper_tile(t)
     is_first, is_valid = _flags(first_ptr, valid_ptr, HAS_FIRST, HAS_VALID)
     r = tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     col_sum = tl.zeros((BLOCK,), dtype=tl.float32)
     for sp in range(0, splits):
-        base = (sp * n_prog + t).to(tl.int64) * BLOCK
+        base = ((g * splits + sp) * n_prog + t) * BLOCK
         acc += tl.load(part_ptr + (base + r[:, None]) * BLOCK + r[None, :])
         if HAS_MEAN:
             col_sum += tl.load(colsum_ptr + base + r)
@@ -187,8 +196,10 @@ def _check(F: torch.Tensor, z: torch.Tensor, rho: float, mean: torch.Tensor | No
         raise ValueError(f"corr_ema: z must have N >= 1 rows and d >= 1 columns, got {tuple(z.shape)}")
     if z.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"corr_ema: z must be float32, bfloat16 or float16, got {z.dtype}")
-    if F.shape != (d, d) or F.dtype != torch.float32:
-        raise ValueError(f"corr_ema: F must be ({d}, {d}) float32, got {tuple(F.shape)} {F.dtype}")
+    grouped = F.dim() == 3 and F.shape[0] >= 1 and F.shape[0] * F.shape[1] == d and F.shape[1] == F.shape[2]
+    if not (F.shape == (d, d) or grouped) or F.dtype != torch.float32:
+        raise ValueError(f"corr_ema: F must be ({d}, {d}) or (G, {d} / G, {d} / G) float32, got "
+                         f"{tuple(F.shape)} {F.dtype}")
     if not F.is_contiguous():
         raise ValueError("corr_ema: F must be contiguous (it is updated in place)")
     if F.device != z.device:
@@ -212,8 +223,10 @@ def corr_ema(
 ) -> torch.Tensor:
     """Fold the correlation of a batch into its EMA, in place: F <- rho F + (1 - rho) z^T z / N.
 
-    F: (d, d) float32, contiguous, symmetric (only its upper triangle is read). z: (N, d) float32,
-    bfloat16 or float16, any strides. rho: Python float in [0, 1). All accumulation is fp32.
+    F: (d, d) float32, contiguous, symmetric (only its upper triangle is read); or (G, d / G, d / G) for G
+    contiguous feature blocks, F[g] <- rho F[g] + (1 - rho) z_g^T z_g / N with z_g = z[:, g m : (g + 1) m]
+    (a block-diagonal statistic; one launch for all blocks). z: (N, d) float32, bfloat16 or float16, any
+    strides. rho: Python float in [0, 1). All accumulation is fp32.
     first: optional 0-dim int/bool tensor on z's device; when nonzero, F <- z^T z / N (F is not read).
     valid: optional 0-dim int/bool tensor; when zero nothing is written (F and mean untouched).
     mean: optional (d,) float32 output receiving z.mean(0), computed in the same pass.
@@ -225,7 +238,8 @@ def corr_ema(
     _check(F, z, rho, mean)
     if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
         raise ValueError(f"corr_ema: splits must be None or an int >= 1, got {splits!r}")
-    N, d = z.shape
+    N = z.shape[0]
+    G, d = (1, F.shape[0]) if F.dim() == 2 else (F.shape[0], F.shape[1])  # d: the size of one block
     first_t = _flag(first, "first", z.device)
     valid_t = _flag(valid, "valid", z.device)
     # Fixed configs, not tuned on a GPU yet (none was available): 64 x 64 output tiles keep register
@@ -235,7 +249,7 @@ def corr_ema(
     n_tiles = triton.cdiv(d, BLOCK)
     n_prog = n_tiles * (n_tiles + 1) // 2
     if splits is None:
-        splits = _auto_splits(z, n_prog, N, BLOCK_N)
+        splits = _auto_splits(z, n_prog * G, N, BLOCK_N)
     rows_per_split = triton.cdiv(triton.cdiv(N, splits), BLOCK_N) * BLOCK_N
     splits = triton.cdiv(N, rows_per_split)  # no empty slice
     # The Triton interpreter (3.8) returns garbage for bf16 tl.dot, so it takes the fp32 route there.
@@ -247,19 +261,19 @@ def corr_ema(
     scales = (float(rho), (1.0 - float(rho)) / N, 1.0 / N)
     with on_device(z):
         if splits == 1:
-            _corr_ema_kernel[(n_prog,)](
+            _corr_ema_kernel[(n_prog, G)](
                 z, F, mean_arg, first_arg, valid_arg, N, d, z.stride(0), z.stride(1), *scales,
                 BLOCK=BLOCK, BLOCK_N=BLOCK_N, FP32_DOT=fp32_dot, **has, num_warps=4,
             )
         else:
-            part = torch.empty(splits, n_prog, BLOCK, BLOCK, dtype=torch.float32, device=z.device)
-            colsum = torch.empty(splits, n_prog, BLOCK, dtype=torch.float32, device=z.device)
-            _corr_partial_kernel[(n_prog, splits)](
+            part = torch.empty(G, splits, n_prog, BLOCK, BLOCK, dtype=torch.float32, device=z.device)
+            colsum = torch.empty(G, splits, n_prog, BLOCK, dtype=torch.float32, device=z.device)
+            _corr_partial_kernel[(n_prog, splits, G)](
                 z, part, colsum, valid_arg, N, d, rows_per_split, z.stride(0), z.stride(1),
                 BLOCK=BLOCK, BLOCK_N=BLOCK_N, FP32_DOT=fp32_dot, HAS_VALID=has["HAS_VALID"],
                 HAS_MEAN=has["HAS_MEAN"], num_warps=4,
             )
-            _corr_finish_kernel[(n_prog,)](
+            _corr_finish_kernel[(n_prog, G)](
                 part, colsum, F, mean_arg, first_arg, valid_arg, N, d, splits, *scales,
                 BLOCK=BLOCK, **has, num_warps=4,
             )
@@ -297,7 +311,8 @@ def corr_ema_ref(
     _check(F, z, rho, mean)
     z64 = z.to(torch.float64)  # (N, d); float64 also keeps TF32 out of the product
     N = z64.shape[0]
-    C = z64.T @ z64 / N
+    blocks = z64.reshape(N, -1, F.shape[-1]).transpose(0, 1)  # (G, N, m): the feature blocks
+    C = (blocks.mT @ blocks / N).reshape(F.shape)
     new = rho * F.to(torch.float64) + (1.0 - rho) * C
     if first is not None:
         new = torch.where(first != 0, C, new)

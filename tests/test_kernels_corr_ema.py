@@ -71,6 +71,27 @@ def test_split_k_matches_float64(device, N, splits):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_feature_blocks_in_one_launch(device, splits):
+    # F (G, m, m): block g folds z[:, g m : (g + 1) m], as G separate calls would.
+    torch.manual_seed(7 + splits)
+    G, m, N = 3, 20, 100
+    z = torch.randn(N, 2 * G * m, device=device)[:, ::2] + 0.25  # strided columns
+    F0 = torch.stack([_sym(m, device) for _ in range(G)])
+    F, mean = F0.clone(), torch.zeros(G * m, device=device)
+    corr_ema(F, z, 0.9, mean=mean, splits=splits)
+    for g in range(G):
+        one = F0[g].clone()
+        corr_ema(one, z[:, g * m : (g + 1) * m], 0.9, splits=splits)
+        assert torch.equal(F[g], one)
+        ref = _oracle(F0[g], z[:, g * m : (g + 1) * m], 0.9)
+        torch.testing.assert_close(F[g].double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mean.double(), z.double().mean(0), rtol=1e-5, atol=1e-6)
+    expected = corr_ema_ref(F0.clone(), z, 0.9)
+    torch.testing.assert_close(F, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_strided_input(device):
     torch.manual_seed(0)
     big = torch.randn(300, 220, device=device)
@@ -152,6 +173,8 @@ def test_bad_arguments_raise_one_line():
         (F, z, 0.5, {"first": True}),  # flag not a tensor
         (F, z, 0.5, {"mean": torch.zeros(5)}),
         (F, z, 0.5, {"splits": 0}),
+        (torch.zeros(4, 2, 2), z, 0.5, {}),  # G * m != d
+        (torch.zeros(2, 3, 4), z, 0.5, {}),  # blocks not square
         (F, z, 0.5, {"splits": 2.0}),
     ]
     for F_, z_, rho, kw in cases:
