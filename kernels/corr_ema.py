@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastpred.torch_backend import feature_blocks
+
 from ._launch import on_device
 from ._tiles import upper_tile
 
@@ -188,7 +190,7 @@ def _flag(x: torch.Tensor | None, name: str, device: torch.device) -> torch.Tens
     return x.view(torch.uint8) if x.dtype == torch.bool else x
 
 
-def _check(F: torch.Tensor, z: torch.Tensor, rho: float, mean: torch.Tensor | None) -> None:
+def _check(F: torch.Tensor, z: torch.Tensor, rho: float, mean: torch.Tensor | None, splits: int | None) -> None:
     if z.dim() != 2:
         raise ValueError(f"corr_ema: z must be (N, d), got shape {tuple(z.shape)}")
     N, d = z.shape
@@ -209,6 +211,8 @@ def _check(F: torch.Tensor, z: torch.Tensor, rho: float, mean: torch.Tensor | No
     if mean is not None and (mean.shape != (d,) or mean.dtype != torch.float32 or mean.device != z.device
                              or not mean.is_contiguous()):
         raise ValueError(f"corr_ema: mean must be a contiguous ({d},) float32 tensor on {z.device}")
+    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"corr_ema: splits must be None or an int >= 1, got {splits!r}")
 
 
 def corr_ema(
@@ -235,9 +239,7 @@ def corr_ema(
     tiles (d = 256: 10 tiles of 64 x 64), and 1 on the CPU.
     Both flags are read on the device: no host synchronisation, CUDA-graph capturable. Returns F.
     """
-    _check(F, z, rho, mean)
-    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
-        raise ValueError(f"corr_ema: splits must be None or an int >= 1, got {splits!r}")
+    _check(F, z, rho, mean, splits)
     N = z.shape[0]
     G, d = (1, F.shape[0]) if F.dim() == 2 else (F.shape[0], F.shape[1])  # d: the size of one block
     first_t = _flag(first, "first", z.device)
@@ -308,10 +310,10 @@ def corr_ema_ref(
 
     The flags are applied with torch.where, so this path does not synchronise with the host either.
     """
-    _check(F, z, rho, mean)
+    _check(F, z, rho, mean, splits)
     z64 = z.to(torch.float64)  # (N, d); float64 also keeps TF32 out of the product
     N = z64.shape[0]
-    blocks = z64.reshape(N, -1, F.shape[-1]).transpose(0, 1)  # (G, N, m): the feature blocks
+    blocks = feature_blocks(z64, 1 if F.dim() == 2 else F.shape[0])  # (G, N, m)
     C = (blocks.mT @ blocks / N).reshape(F.shape)
     new = rho * F.to(torch.float64) + (1.0 - rho) * C
     if first is not None:
