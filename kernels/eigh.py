@@ -337,8 +337,9 @@ def _jacobi_block(
 
     Each round of a sweep gives its disjoint block pairs one inner sweep each (inexact block Jacobi:
     solving them to convergence took 3x the inner sweeps for the same outer sweep count, as early rounds
-    are redone anyway) and applies their rotations to A and V: two launches per round. A matrix that is
-    done (or capped) is inactive for the rest: its kernels read one flag and return.
+    are redone anyway) and applies their rotations to A and V: two launches per round, then one status
+    launch per sweep. A matrix that is done (or capped) is inactive for the rest: its kernels read one flag
+    and return.
     """
     B, n_pad, _ = A.shape
     nb = n_pad // _BLOCK
