@@ -1,0 +1,1 @@
+"""The papers' dynamics, simulated: `python -m fastpred.dynamics`."""
