@@ -1,0 +1,189 @@
+"""Figures of `python -m fastpred.dynamics`; matplotlib is imported here only, lazily, with the Agg backend."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from fastpred.dynamics.eigenmode import (
+    ModeParams,
+    collapse_threshold,
+    mode_jacobian,
+    mode_rhs,
+    nonzero_fixed_points,
+    parabola_rate,
+    parabola_rate_slope,
+    simulate_modes,
+)
+
+STABLE, UNSTABLE = "tab:red", "tab:green"  # the paper's colours: stable red, unstable green
+DPI = 100
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # figures are files; never open a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    _plt().close(fig)
+    return path
+
+
+def _eta_label(eta: float, tau: float, sigma2: float) -> str:
+    eta_c = collapse_threshold(tau, sigma2)
+    regime = "no weight decay" if eta == 0 else ("two non-zero fixed points" if eta <= eta_c else "collapse only")
+    return f"eta = {eta:g} ({regime})"
+
+
+def plane_fixed_points(tau: float, prm: ModeParams) -> list[tuple[float, float, bool]]:
+    """Fixed points (p, s, stable) of (11)-(12) on the invariant parabola, stability from the 2-D Jacobian.
+
+    At eta = 0 the origin is degenerate (the whole axis s = 0 is fixed) and is drawn as unstable, as
+    THEORY.md calls it a saddle; p = tau / (1 + sigma2) is then a whole line of fixed points, drawn dotted.
+    """
+    pts = [0.0]
+    roots = nonzero_fixed_points(tau, prm.eta, prm.sigma2)
+    if roots is not None:
+        pts += [r for r in roots if r > 0 and not np.isclose(r, 0.0)]
+    out = []
+    for p in pts:
+        s = p * p / prm.alpha_p
+        if p == 0.0:
+            stable = prm.eta > 0  # Jacobian eigenvalues -eta, -2 eta
+        else:
+            # <= 0 rather than < 0: at eta = 0 the point sits on a line of fixed points (one zero
+            # eigenvalue along it) that attracts nearby trajectories, so it counts as stable.
+            stable = bool(np.all(np.linalg.eigvals(mode_jacobian(p, s, tau, prm)).real <= 1e-12))
+        out.append((p, s, stable))
+    return out
+
+
+def phase_portraits(
+    path: Path,
+    etas: Sequence[float] = (0.0, 0.01, 1.0),
+    *,
+    tau: float = 1.0,
+    alpha_p: float = 1.0,
+    sigma2: float = 0.0,
+    p_range: tuple[float, float] = (-0.4, 1.4),
+    s_range: tuple[float, float] = (0.0, 1.6),
+    grid: int = 60,
+) -> Path:
+    """Fig. 3: streamlines of (11)-(12) in the (p, s) plane at fixed tau, one panel per eta."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(etas), figsize=(4.2 * len(etas), 4.0), squeeze=False)
+    P, S = np.meshgrid(np.linspace(*p_range, grid), np.linspace(*s_range, grid))
+    pp = np.linspace(*p_range, 400)
+    for ax, eta in zip(axes[0], etas, strict=True):
+        prm = ModeParams(alpha_p=alpha_p, sigma2=sigma2, eta=eta)
+        dP, dS, _ = mode_rhs(P, S, tau, prm)
+        speed = np.hypot(dP, dS)
+        # log speed for colour: the flow spans orders of magnitude near the fixed points
+        ax.streamplot(P, S, dP, dS, color=np.log10(speed + 1e-12), cmap="Greys", density=1.1, linewidth=0.8,
+                      arrowsize=0.9)
+        ax.plot(pp, pp**2 / alpha_p, "k--", lw=1.2, label="s = p^2 / alpha_p")
+        if eta == 0:
+            ax.axvline(tau / (1 + sigma2), color=STABLE, ls=":", lw=1.2, label="fixed line p = tau/(1+sigma^2)")
+        for p, s, stable in plane_fixed_points(tau, prm):
+            ax.plot(p, s, "o", ms=9, color=STABLE if stable else UNSTABLE, mec="k", zorder=5)
+        ax.plot([], [], "o", color=STABLE, mec="k", label="stable")
+        ax.plot([], [], "o", color=UNSTABLE, mec="k", label="unstable")
+        ax.set(xlim=p_range, ylim=s_range, xlabel="p (eigenvalue of W_p)", ylabel="s (eigenvalue of F = W W^T)",
+               title=_eta_label(eta, tau, sigma2))
+        ax.legend(loc="upper left", fontsize=7, framealpha=0.9)
+    fig.suptitle(f"Eigenmode flow (11)-(12): tau = {tau:g}, alpha_p = {alpha_p:g}, sigma^2 = {sigma2:g}", y=1.02)
+    return _save(fig, path)
+
+
+def regimes(
+    path: Path,
+    etas: Sequence[float] | None = None,
+    *,
+    tau: float = 1.0,
+    sigma2: float = 0.0,
+    p_range: tuple[float, float] | None = None,
+) -> Path:
+    """Fig. 4: dp/dt = p^2 [tau - (1 + sigma2) p] - eta p on the parabola, one panel per regime.
+
+    Default etas: 0, 0.6 and 1.6 times the collapse threshold tau^2 / (4 (1 + sigma2)), so that the
+    middle regime's two non-zero fixed points are visibly apart whatever sigma2 is.
+    """
+    plt = _plt()
+    eta_c = collapse_threshold(tau, sigma2)
+    etas = (0.0, 0.6 * eta_c, 1.6 * eta_c) if etas is None else tuple(etas)
+    p_hi = 1.25 * tau / (1 + sigma2)
+    p_range = (-0.15 * p_hi, p_hi) if p_range is None else p_range
+    pp = np.linspace(*p_range, 500)
+    fig, axes = plt.subplots(1, len(etas), figsize=(4.2 * len(etas), 3.4), squeeze=False)
+    for ax, eta in zip(axes[0], etas, strict=True):
+        f = parabola_rate(pp, tau, eta, sigma2)
+        ax.plot(pp, f, "k", lw=1.5)
+        ax.axhline(0, color="0.5", lw=0.8)
+        roots = nonzero_fixed_points(tau, eta, sigma2)
+        fixed = [0.0] + ([] if roots is None else [r for r in roots if r > 0])
+        for p in sorted(set(fixed)):
+            slope = parabola_rate_slope(p, tau, eta, sigma2)
+            stable = slope < 0 if p != 0 or eta > 0 else False  # eta = 0: p = 0 is a double root
+            ax.plot(p, 0, "o", ms=9, color=STABLE if stable else UNSTABLE, mec="k", zorder=5)
+        # arrows on the axis: the direction p moves in, between the fixed points
+        bounds = [p_range[0], *sorted(set(fixed)), p_range[1]]
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            m = 0.5 * (a + b)
+            if b - a < 0.04 * (p_range[1] - p_range[0]):
+                continue
+            direction = np.sign(parabola_rate(m, tau, eta, sigma2))
+            if direction != 0:
+                ax.annotate("", xy=(m + 0.04 * direction * (p_range[1] - p_range[0]), 0), xytext=(m, 0),
+                            arrowprops={"arrowstyle": "->", "color": "tab:blue", "lw": 1.8})
+        ax.set(xlim=p_range, xlabel="p (on the parabola s = p^2 / alpha_p)", ylabel="dp/dt",
+               title=f"eta = {eta:.3g} ({eta / eta_c:.2g} x threshold)" if eta_c > 0 else f"eta = {eta:.3g}")
+    fig.suptitle(f"1-D dynamics on the invariant parabola: tau = {tau:g}, sigma^2 = {sigma2:g}, "
+                 f"threshold eta_c = {eta_c:.3g}; red stable, green unstable", y=1.03)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def sweeps(
+    path: Path,
+    *,
+    lr: float = 0.01,
+    beta: float = 0.4,
+    eta: float = 0.04,
+    etas: Sequence[float] = (0.01, 0.04, 0.1, 0.2, 0.3),
+    betas: Sequence[float] = (0.04, 0.1, 0.4, 1.0),
+    alpha_p: float = 1.0,
+    sigma2: float = 0.0,
+    p0: float = 0.2,
+    s0: float = 0.5,
+    tau0: float = 1.0,
+    steps: int = 5000,
+) -> Path:
+    """Fig. 5: Euler simulation of (11)-(13) with step ``lr``: a weight-decay sweep and an EMA-rate sweep."""
+    plt = _plt()
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), squeeze=False)
+    rows = [("eta", etas, lambda v: ModeParams(alpha_p, sigma2, v, beta), f"beta = {beta:g}"),
+            ("beta", betas, lambda v: ModeParams(alpha_p, sigma2, eta, v), f"eta = {eta:g}")]
+    every = max(1, steps // 500)
+    for row, (name, values, make, fixed) in zip(axes, rows, strict=True):
+        colors = plt.cm.viridis(np.linspace(0, 0.9, len(values)))
+        for v, color in zip(values, colors, strict=True):
+            tr = simulate_modes(p0, s0, make(v), tau0=tau0, dt=lr, steps=steps, method="euler", every=every)
+            it = tr.t / lr
+            for ax, y in zip(row, (tr.p, tr.s, tr.tau), strict=True):
+                ax.plot(it, y, color=color, label=f"{name} = {v:g}")
+        for ax, ylabel in zip(row, ("p", "s", "tau"), strict=True):
+            ax.set(xlabel="iteration", ylabel=ylabel, title=f"{ylabel}: sweeping {name} ({fixed})")
+        row[0].legend(fontsize=8)
+    fig.suptitle(f"Euler simulation of (11)-(13): lr = {lr:g}, alpha_p = {alpha_p:g}, sigma^2 = {sigma2:g}, "
+                 f"start p = {p0:g}, s = {s0:g}, tau = {tau0:g}", y=1.01)
+    fig.tight_layout()
+    return _save(fig, path)
