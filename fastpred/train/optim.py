@@ -1,0 +1,172 @@
+"""Optimizers, schedules and the target-network EMA of the trainer.
+
+Everything here that runs inside a training step (``LARS.step``, ``ema_update_``) stays on the device:
+no ``.item()``, no Python branch on a device tensor. The schedules are host-side floats that the loop
+writes into ``group["lr"]`` each step (setting a Python float is not a synchronisation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+OPTIMIZERS = ("sgd", "lars")
+SCHEDULES = ("cosine", "constant")
+
+
+def param_groups(modules: Iterable[nn.Module], weight_decay: float, *, exclude_bias_and_norm: bool) -> list[dict]:
+    """Optimizer parameter groups over the trainable parameters of ``modules``, each parameter once.
+
+    With ``exclude_bias_and_norm`` (BYOL's LARS setting), parameters with ndim <= 1 (biases, BatchNorm
+    weights) go to a group with weight decay 0 and ``lars_exclude=True`` (no trust-ratio adaptation),
+    the rest to a group with ``weight_decay`` and ``lars_exclude=False``. Otherwise one group holds all,
+    with ``lars_exclude=False``. Parameters with ``requires_grad=False`` are left out; modules that share a
+    parameter contribute it once (deduplicated by identity). An empty group is dropped.
+    """
+    seen: set[int] = set()
+    params: list[nn.Parameter] = []
+    for module in modules:
+        for p in module.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    if not exclude_bias_and_norm:
+        groups = [{"params": params, "weight_decay": weight_decay, "lars_exclude": False}]
+    else:
+        groups = [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay, "lars_exclude": False},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lars_exclude": True},
+        ]
+    return [group for group in groups if group["params"]]
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as BYOL and SimCLR use it, without any host synchronisation.
+
+    For each parameter p of a group with ``lars_exclude=False``::
+
+        g     = grad + weight_decay * p
+        trust = eta * ||p|| / ||g||   if ||p|| > 0 and ||g|| > 0, else 1
+        m     = momentum * m + trust * g
+        p    -= lr * m
+
+    A group with ``lars_exclude=True`` skips the trust ratio: SGD with momentum, with the group's own
+    weight decay (``param_groups`` gives such groups weight decay 0, so they get neither, as in BYOL).
+    The norm conditions are ``torch.where`` on the device, and each group updates with foreach ops.
+    The momentum buffer starts at zero, so the first step is ``p -= lr * trust * g``. Parameters of one
+    group must share a device (the per-parameter norms are stacked).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        eta: float = 0.001,
+    ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        if not eta > 0.0:
+            raise ValueError(f"eta must be > 0, got {eta!r}")
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "eta": eta, "lars_exclude": False}
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["weight_decay"] != 0:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])  # new tensors, grads kept
+            if group["lars_exclude"]:
+                updates = grads
+            else:
+                p_norm = torch.stack(torch._foreach_norm(params))
+                g_norm = torch.stack(torch._foreach_norm(grads))
+                # Where a norm is 0 the ratio is inf or nan; torch.where selects 1 there without a sync.
+                trust = torch.where((p_norm > 0) & (g_norm > 0), group["eta"] * p_norm / g_norm, 1.0)
+                updates = torch._foreach_mul(grads, list(trust.unbind(0)))
+            buffers = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                buffers.append(state["momentum_buffer"])
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, updates)
+            torch._foreach_add_(params, buffers, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(name: str, param_groups: list[dict], *, lr: float, momentum: float) -> torch.optim.Optimizer:
+    """``"sgd"`` (torch SGD with momentum) or ``"lars"`` over ``param_groups`` (each carries its weight decay)."""
+    if name == "sgd":
+        # SGD ignores the groups' extra "lars_exclude" key; their weight decay applies as plain L2.
+        return torch.optim.SGD(param_groups, lr=lr, momentum=momentum)
+    if name == "lars":
+        return LARS(param_groups, lr=lr, momentum=momentum)
+    raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+
+
+def lr_at(step: int, *, total_steps: int, warmup_steps: int, base_lr: float, schedule: str) -> float:
+    """Learning rate at ``step`` (counted from 0): linear warm-up, then cosine decay or constant.
+
+    Warm-up: ``base_lr * (step + 1) / warmup_steps`` for ``step < warmup_steps``, so step 0 gets
+    ``base_lr / warmup_steps`` and the last warm-up step ``base_lr``. Then ``"cosine"`` decays from
+    ``base_lr`` at ``warmup_steps`` to 0 at ``total_steps`` (and stays 0 after); ``"constant"`` keeps ``base_lr``.
+    """
+    _check_schedule(schedule)
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return base_lr
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def target_momentum_at(step: int, *, total_steps: int, base: float, schedule: str) -> float:
+    """The target EMA coefficient tau at ``step``.
+
+    ``"cosine"`` is BYOL's ``tau = 1 - (1 - base) * (cos(pi * step / total_steps) + 1) / 2``: ``base`` at
+    step 0, rising to 1 at ``total_steps`` (and 1 after). ``"constant"`` is ``base``.
+    """
+    _check_schedule(schedule)
+    if schedule == "constant":
+        return base
+    progress = min(1.0, step / max(1, total_steps))
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
+
+
+@torch.no_grad()
+def ema_update_(target_params: list[Tensor], online_params: list[Tensor], momentum: float) -> None:
+    """``target = momentum * target + (1 - momentum) * online`` for every pair, in one foreach op.
+
+    Parameters only. The target's buffers (BatchNorm running statistics) are deliberately not copied
+    or averaged: the target runs its forward passes in training mode, where BatchNorm normalises with
+    the batch's own statistics, so its running statistics never enter the loss; its own forward passes
+    keep them consistent with its own weights, which copying the online network's statistics would
+    break (they describe the activations of different weights). This is what BYOL implementations in
+    PyTorch do. Pass lists built once (``list(model.parameters())``), in the same order for both.
+    """
+    if len(target_params) != len(online_params):
+        raise ValueError(f"ema_update_ got {len(target_params)} target and {len(online_params)} online tensors")
+    torch._foreach_lerp_(target_params, online_params, 1.0 - momentum)
+
+
+def _check_schedule(schedule: str) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
