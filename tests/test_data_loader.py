@@ -253,3 +253,40 @@ def test_cli_writes_atomically_and_force(tmp_path, capsys):
     assert r.returncode == 0, r.stderr
     assert check.main([str(out), "--batch-size", "500", "--resolution", "16"]) == 0
     assert "1797 samples" in capsys.readouterr().out
+
+
+def _epochs(loader, epochs):
+    """Every batch of `epochs` epochs as numpy copies (the loader's buffers are reused)."""
+    return [(x1.numpy().copy(), x2.numpy().copy(), y.numpy().copy(), p.numpy().copy())
+            for _ in range(epochs) for x1, x2, y, p in loader]
+
+
+def test_seeded_crops_do_not_depend_on_workers_and_differ_per_epoch(betons):
+    def run(workers, seed):
+        return _epochs(TwoViewLoader(betons["jpg"], 3, 16, num_workers=workers, seed=seed, return_params=True), 2)
+
+    one, two, other_seed = run(1, 5), run(2, 5), run(1, 6)
+    assert len(one) == len(two) == 2 * (len(SIZES) // 3)
+    for a, b in zip(one, two, strict=True):
+        for u, v in zip(a, b, strict=True):
+            np.testing.assert_array_equal(u, v)
+    assert any((a[3] != b[3]).any() for a, b in zip(one, other_seed, strict=True))
+    half = len(one) // 2
+    # The same images (labels) in a new epoch get new crops.
+    by_label = lambda batches: {tuple(p.ravel()) for _, _, _, p in batches}  # noqa: E731
+    assert by_label(one[:half]).isdisjoint(by_label(one[half:]))
+
+
+def test_set_epoch_resumes_mid_epoch(betons):
+    def loader():
+        return TwoViewLoader(betons["digits"], 100, 16, num_workers=2, seed=3, return_params=True)
+
+    full = _epochs(loader(), 3)
+    per_epoch = len(full) // 3
+    resumed = loader()
+    resumed.set_epoch(1, skip_batches=4)
+    tail = _epochs(resumed, 2)
+    assert len(tail) == 2 * per_epoch - 4
+    for a, b in zip(full[per_epoch + 4 :], tail, strict=True):
+        for u, v in zip(a, b, strict=True):
+            np.testing.assert_array_equal(u, v)

@@ -23,6 +23,28 @@ from ffcv.pipeline.state import State
 
 N_PARAMS = 5  # per view: top, left, height, width (source pixels), flipped
 
+# The two-view loader's traversal order tags each sample index with its epoch in the high bits, so that the
+# decoder can seed every sample's crops from (seed, epoch, sample index): FFCV hands an operation nothing but
+# the batch's indices, and numba's generators are per thread, so nothing else is the same whatever the worker
+# count. Only decoders that know the tag may read a tagged order (`untag`).
+EPOCH_SHIFT = 40  # sample indices below 2^40; epochs below 2^23
+INDEX_MASK = (1 << EPOCH_SHIFT) - 1
+
+
+def untag(sample: int) -> int:
+    return sample & INDEX_MASK
+
+
+def sample_seed(seed: int, sample: int) -> int:
+    """A 32-bit seed for numba's generator from (loader seed, epoch, sample index), all packed in `sample`.
+
+    splitmix64's finaliser: neighbouring indices and epochs give unrelated seeds."""
+    x = (np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(sample)) & np.uint64(0xFFFFFFFFFFFFFFFF)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> np.uint64(31))
+    return int(x & np.uint64(0xFFFFFFFF))
+
 
 def random_crop(height: int, width: int, scale: np.ndarray, log_ratio: np.ndarray) -> tuple[int, int, int, int]:
     """Inception-style crop (torchvision RandomResizedCrop.get_params semantics): (top, left, h, w)."""
@@ -85,6 +107,7 @@ class TwoCropRGBImageDecoder(Operation):
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         flip_prob: float = 0.5,
         return_params: bool = False,
+        seed: int | None = None,
     ):
         super().__init__()
         self.output_size = tuple(int(s) for s in output_size)
@@ -92,6 +115,8 @@ class TwoCropRGBImageDecoder(Operation):
         self.log_ratio = np.log(np.array(ratio, dtype=np.float64))
         self.flip_prob = float(flip_prob)
         self.return_params = return_params
+        # With a seed the order is epoch-tagged (see EPOCH_SHIFT) and every sample's crops are reproducible.
+        self.seed = seed
 
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
         # uint64 so that max_h * max_w * 3 cannot overflow the uint16 metadata.
@@ -117,13 +142,19 @@ class TwoCropRGBImageDecoder(Operation):
         crop_c = Compiler.compile(random_crop)
         hflip_c = Compiler.compile(hflip_)
         halves_c = Compiler.compile(halves_through_double)
+        untag_c = Compiler.compile(untag)
+        seed_c = Compiler.compile(sample_seed)
         out_h, out_w = self.output_size
         scale, log_ratio, flip_prob = self.scale, self.log_ratio, self.flip_prob
+        seeded, seed = self.seed is not None, 0 if self.seed is None else int(self.seed)
 
         def decode_two(batch_indices, my_storage, metadata, storage_state):
             destination, scratch, params, doubles = my_storage
             for dst_ix in my_range(len(batch_indices)):
-                field = metadata[batch_indices[dst_ix]]
+                sample = batch_indices[dst_ix]
+                if seeded:
+                    np.random.seed(seed_c(seed, sample))  # this thread's generator, for this sample only
+                field = metadata[untag_c(sample)]
                 data = mem_read(field["data_ptr"], storage_state)
                 height, width = np.uint32(field["height"]), np.uint32(field["width"])
                 if field["mode"] == jpg:
@@ -156,3 +187,21 @@ class TwoCropRGBImageDecoder(Operation):
             return decode_two_c(batch_indices, my_storage, metadata, storage_state)[0]
 
         return decode_views
+
+
+class TaggedIntDecoder(Operation):
+    """FFCV's IntDecoder for an epoch-tagged order (see EPOCH_SHIFT): int64 (B, 1) labels."""
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, AllocationQuery]:
+        i8 = np.dtype("<i8")
+        return replace(previous_state, jit_mode=True, shape=(1,), dtype=i8), AllocationQuery((1,), i8)
+
+    def generate_code(self) -> Callable:
+        untag_c = Compiler.compile(untag)
+
+        def decode_labels(batch_indices, destination, metadata, storage_state):
+            for ix in range(len(batch_indices)):
+                destination[ix] = metadata[untag_c(batch_indices[ix])]
+            return destination[: len(batch_indices)]
+
+        return decode_labels

@@ -64,30 +64,46 @@ def check_beton(path: str | os.PathLike, fields: dict[str, str]) -> int:
     return int(reader.num_samples)
 
 
-def _shard_order(rank: int, world_size: int, shuffle: bool):
+def _shard_order(rank: int, world_size: int, shuffle: bool, tag_epochs: bool = False):
     """An FFCV traversal order giving rank `rank` its DistributedSampler-style shard.
 
     All ranks draw the same permutation (seed + epoch), pad it cyclically to a multiple of `world_size` so every
     rank has the same number of batches (DDP steps in lockstep), and take every `world_size`-th index.
     FFCV's own distributed mode reads the rank from an initialised process group; this one takes it explicitly.
+    With `tag_epochs`, each index carries its epoch in the high bits (`decode.EPOCH_SHIFT`) for the seeded
+    decoders. `skip` drops the first samples of the next epoch only (a run resumed mid-epoch).
     """
     from ffcv.traversal_order.base import TraversalOrder
 
     class ShardOrder(TraversalOrder):
         def __init__(self):  # FFCV's Loader instantiates an order by calling it with itself
-            pass
+            self.skip, self.keep = 0, None
 
         def __call__(self, loader):
-            self.indices, self.seed = np.asarray(loader.indices), loader.seed
+            self.indices, self.seed = np.asarray(loader.indices, dtype=np.int64), loader.seed
             return self
 
         def sample_order(self, epoch: int) -> np.ndarray:
             n = len(self.indices)
             perm = np.random.default_rng(self.seed + epoch).permutation(n) if shuffle else np.arange(n)
             perm = np.resize(perm, -(-n // world_size) * world_size)
-            return self.indices[perm[rank::world_size]]
+            order = self.indices[perm[rank::world_size]]
+            if tag_epochs:
+                from fastpred.data.decode import EPOCH_SHIFT
+
+                order = order | (np.int64(epoch) << np.int64(EPOCH_SHIFT))
+            stop = None if self.keep is None else self.skip + self.keep
+            order, self.skip, self.keep = order[self.skip : stop], 0, None
+            return order
 
     return ShardOrder()
+
+
+def _resolve_seed(seed: int | None, world_size: int) -> int:
+    if seed is not None:
+        return int(seed)
+    # Every rank must draw the same permutation, so a distributed run cannot seed from entropy.
+    return 0 if world_size > 1 else int(np.random.randint(0, 2**31 - 1))
 
 
 def _rank_world(distributed: bool, rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -108,7 +124,7 @@ class _FFCVLoader:
     """Shared plumbing: validation, order, FFCV Loader construction, device transfer."""
 
     def __init__(self, path, batch_size, fields, decoder, *, order, drop_last, os_cache, num_workers, seed,
-                 distributed, rank, world_size, device, batches_ahead, indices):
+                 distributed, rank, world_size, device, batches_ahead, indices, label_decoder=None):
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
         if order not in ORDERS:
@@ -120,21 +136,21 @@ class _FFCVLoader:
         from ffcv.reader import Reader
 
         self.rank, self.world_size = _rank_world(distributed, rank, world_size)
-        if seed is None:
-            # Every rank must draw the same permutation, so a distributed run cannot seed from entropy.
-            seed = 0 if self.world_size > 1 else int(np.random.randint(0, 2**31 - 1))
+        seed = _resolve_seed(seed, self.world_size)
         if order == "quasi_random":
             if self.world_size > 1:
                 raise DataError("order='quasi_random' is not available with distributed loading; use 'random'")
             ffcv_order = OrderOption.QUASI_RANDOM
         else:
-            ffcv_order = _shard_order(self.rank, self.world_size, shuffle=order == "random")
+            ffcv_order = _shard_order(
+                self.rank, self.world_size, shuffle=order == "random", tag_epochs=label_decoder is not None
+            )
         image_field, label_field = fields
         # Fresh specs for every Loader: FFCV pops decoders out of the lists it is given. Other fields are
         # disabled (None) so that FFCV does not decode them; no ToTensor, so the whole pipeline is one JIT stage.
         pipelines = {name: None for name in Reader(os.fspath(path)).handlers}
         pipelines[image_field] = PipelineSpec(image_field, decoder=decoder)
-        pipelines[label_field] = PipelineSpec(label_field, decoder=IntDecoder())
+        pipelines[label_field] = PipelineSpec(label_field, decoder=label_decoder or IntDecoder())
         self._loader = Loader(
             os.fspath(path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache, order=ffcv_order,
             seed=seed, indices=indices, pipelines=pipelines, drop_last=drop_last, batches_ahead=batches_ahead,
@@ -151,6 +167,19 @@ class _FFCVLoader:
 
     def __len__(self) -> int:
         return len(self._loader)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Make the next iteration epoch `epoch` (0-based) of this loader's seeded order, starting at batch
+        `skip_batches` (a run resumed mid-epoch reads exactly the batches it had not read)."""
+        self._loader.next_epoch = int(epoch)
+        order = self._loader.traversal_order
+        if skip_batches:
+            if not hasattr(order, "skip"):
+                raise DataError("resuming mid-epoch needs order='random' or 'sequential'")
+            if not 0 <= skip_batches < len(self):
+                raise DataError(f"cannot skip {skip_batches} of the {len(self)} batches of an epoch")
+            # FFCV cuts the order at len(loader) * batch_size, then batches it: keep whole batches only.
+            order.skip, order.keep = int(skip_batches) * self.batch_size, (len(self) - skip_batches) * self.batch_size
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
         """Yields (images, labels, *extra) as tensors, on `device` if given.
@@ -202,7 +231,9 @@ class TwoViewLoader(_FFCVLoader):
         drop_last: drop the final incomplete batch.
         os_cache: True reads through the OS page cache (mmap); False uses FFCV's process cache.
         num_workers: decoding threads (-1: all cores).
-        seed: order seed (default: random; 0 when distributed, as every rank must agree).
+        seed: order seed, and with `os_cache` and a random or sequential order also the crops' seed: sample i's
+            crops and flips in epoch e are drawn from (seed, e, i), whatever the worker count (default: random;
+            0 when distributed, as every rank must agree).
         distributed: shard by the initialised torch.distributed rank and world size.
         rank, world_size: explicit shard (overrides `distributed`); shards are disjoint and cover the data
             set, padded cyclically so all ranks have the same length.
@@ -236,17 +267,23 @@ class TwoViewLoader(_FFCVLoader):
     ):
         _check_path(path)  # before the slow FFCV import
         require_ffcv()
-        from fastpred.data.decode import TwoCropRGBImageDecoder
+        from fastpred.data.decode import TaggedIntDecoder, TwoCropRGBImageDecoder
 
         if not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
             raise DataError(f"need 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]: {scale}, {ratio}")
         self.resolution = _pair(resolution)
-        decoder = TwoCropRGBImageDecoder(self.resolution, scale, ratio, flip_prob, return_params)
+        # Crops are seeded from (seed, epoch, sample index) through an epoch-tagged order; FFCV's process cache
+        # (os_cache=False) and quasi-random order read the raw indices, so there the crops stay unseeded.
+        seeded = os_cache and order != "quasi_random"
+        seed = _resolve_seed(seed, _rank_world(distributed, rank, world_size)[1])
+        decoder = TwoCropRGBImageDecoder(
+            self.resolution, scale, ratio, flip_prob, return_params, seed=seed if seeded else None
+        )
         super().__init__(
             path, batch_size, {image_field: "RGBImageField", label_field: "IntField"}, decoder,
             order=order, drop_last=drop_last, os_cache=os_cache, num_workers=num_workers, seed=seed,
             distributed=distributed, rank=rank, world_size=world_size, device=device,
-            batches_ahead=batches_ahead, indices=indices,
+            batches_ahead=batches_ahead, indices=indices, label_decoder=TaggedIntDecoder() if seeded else None,
         )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
