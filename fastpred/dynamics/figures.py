@@ -187,3 +187,75 @@ def sweeps(
                  f"start p = {p0:g}, s = {s0:g}, tau = {tau0:g}", y=1.01)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def matrix_flow(path: Path, traj, cfg) -> Path:
+    """The full-matrix flow (2)-(4): commutator, asymmetry, K's smallest eigenvalue, spectra, alignment."""
+    plt = _plt()
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    t = traj.t
+    ax = axes[0, 0]
+    ax.semilogy(t, np.maximum(traj.commutator, 1e-300), "k")
+    ax.set(xlabel="t", ylabel="||[F, W_p]||_F", title="commutator of F = W W^T and W_p")
+    ax = axes[0, 1]
+    ax.semilogy(t, np.maximum(traj.asymmetry, 1e-300), "k")
+    ax.set(xlabel="t", ylabel="||W_p - W_p^T|| / ||W_p||", title="asymmetry of W_p")
+    if cfg.symmetrize:
+        ax.text(0.5, 0.5, "symmetric by construction\n(--symmetrize)", ha="center", transform=ax.transAxes)
+    ax = axes[0, 2]
+    ax.plot(t, traj.k_min, "k")
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.fill_between(t, traj.k_min, 0, where=traj.k_min > 0, color=STABLE, alpha=0.15, label="K positive definite")
+    title = "min eigenvalue of Theorem 3's K" + ("" if cfg.beta is None and cfg.aug == "iso" else " (indicative)")
+    ax.set(xlabel="t", ylabel="lambda_min(K)", title=title)
+    ax.legend(fontsize=8)
+    ax = axes[1, 0]
+    ax.plot(t, traj.eig_F)
+    ax.set(xlabel="t", ylabel="s_j", title="eigenvalues of F")
+    ax = axes[1, 1]
+    ax.plot(t, traj.eig_Wp)
+    p_star = nonzero_fixed_points(cfg.tau, cfg.eta, cfg.sigma2)
+    if p_star is not None and cfg.beta is None:
+        ax.axhline(p_star[1], color=STABLE, ls="--", lw=1, label="p*_+ of the eigenmode flow")
+        ax.legend(fontsize=8)
+    ax.set(xlabel="t", ylabel="p_j", title="eigenvalues of (W_p + W_p^T) / 2")
+    ax = axes[1, 2]
+    ax.plot(t, traj.alignment)
+    ax.set(xlabel="t", ylabel="cos(u_j, W_p u_j)", title="alignment with F's eigenvectors u_j", ylim=(-1.05, 1.05))
+    target = f"W_a = {cfg.tau:g} W" if cfg.beta is None else f"EMA target, beta = {cfg.beta:g}"
+    fig.suptitle(f"Full-matrix flow (2)-(4): n = {cfg.n}, d = {cfg.d}, X = I, X' = {cfg.aug} "
+                 f"(sigma^2 = {cfg.sigma2:g}), alpha_p = {cfg.alpha_p:g}, eta = {cfg.eta:g}, {target}", y=1.01)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def feature_race(path: Path, results: Sequence) -> Path:
+    """Each neuron's |cos| with v1 and v2 over training, one column per head; the head's W below."""
+    plt = _plt()
+    fig, axes = plt.subplots(2, len(results), figsize=(4.3 * len(results), 6.4), squeeze=False)
+    titles = {"none": "no head", "offdiag": "identity head, trainable off-diagonals", "direct": "DirectPred head"}
+    for col, r in enumerate(results):
+        ax = axes[0, col]
+        m = r.alignment.shape[1]
+        colors = plt.cm.tab10(np.arange(m) % 10)
+        for i in range(m):
+            ax.plot(r.steps, r.alignment[:, i, 0], color=colors[i], lw=1.8, label=f"neuron {i + 1}: v1 (strong)")
+            ax.plot(r.steps, r.alignment[:, i, 1], color=colors[i], lw=1.8, ls="--", label=f"neuron {i + 1}: v2 (weak)")
+        ax.set(ylim=(-0.02, 1.02), xlabel="step", ylabel="|cos(w_i, v_j)|", title=titles.get(r.head, r.head))
+        ax.legend(fontsize=7, loc="center right")
+        ax = axes[1, col]
+        if r.head_matrix is None:
+            ax.text(0.5, 0.5, "no head", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
+        for a in range(m):
+            for b in range(m):
+                if a != b:
+                    ax.plot(r.steps, r.head_matrix[:, a, b], lw=1.5, label=f"W[{a + 1},{b + 1}]")
+        diag = r.head_matrix[:, np.arange(m), np.arange(m)].mean(1)
+        ax.plot(r.steps, diag, "k:", lw=1.2, label="mean diagonal")
+        ax.set(xlabel="step", ylabel="head entry", title="head W (off-diagonals; diagonal dotted)")
+        ax.legend(fontsize=7)
+    fig.suptitle("Feature race (cubic neurons, BatchNorm, stop-gradient): which neuron learns which feature", y=1.01)
+    fig.tight_layout()
+    return _save(fig, path)
