@@ -26,6 +26,8 @@ import numpy as np
 
 #: Rank-index lines drawn at most per eigenvalue panel; above it every k-th rank is drawn.
 MAX_LINES = 128
+#: F's eigenvalues below this fraction of the run's largest are not drawn on the log axis (zero to rounding).
+LOG_FLOOR = 1e-10
 #: The highlighted directions (largest eigenvalues of F) in the alignment panels.
 TOP_K = 5
 DPI = 100
@@ -204,7 +206,7 @@ def _accuracy_panel(ax, runs, colours) -> None:
     for run, colour in zip(runs, colours, strict=True):
         xs, ys = run.series("online_probe_acc", x="epoch")
         if xs.size:
-            ax.plot(xs, 100 * ys, color=colour, lw=1.0, alpha=0.6)
+            ax.plot(xs, 100 * ys, color=colour, lw=1.0, alpha=0.6, marker="o" if xs.size < 3 else None, ms=3)
             drawn = True
         xs, ys = run.series("knn_acc", x="epoch", rows="evals")
         if xs.size:
@@ -325,12 +327,27 @@ def overview_figure(runs: list[Run], colours: list):
     return fig
 
 
+def _row_mean(values: np.ndarray) -> np.ndarray:
+    """Mean of each row's finite entries; NaN for a row with none (a record without W), without a warning."""
+    finite = np.isfinite(values)
+    count = finite.sum(axis=1)
+    total = np.where(finite, values, 0.0).sum(axis=1)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
 def _subsample(d: int) -> np.ndarray:
     """Rank indices to draw: all if d <= MAX_LINES, else every k-th plus the last."""
     if d <= MAX_LINES:
         return np.arange(d)
     k = math.ceil(d / MAX_LINES)
     return np.unique(np.append(np.arange(0, d, k), d - 1))
+
+
+def _above_log_floor(values: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``values`` with entries <= LOG_FLOOR x their largest set to NaN, and whether a finite one was."""
+    floor = np.nanmax(values, initial=0.0) * LOG_FLOOR
+    hidden = bool((np.isfinite(values) & (values <= floor)).any())
+    return np.where(values > floor, values, np.nan), hidden
 
 
 def _trajectories(fig, ax, steps, values, title, ylabel, *, logy):
@@ -341,10 +358,25 @@ def _trajectories(fig, ax, steps, values, title, ylabel, *, logy):
     ranks = _subsample(d)
     y = values[:, ranks].astype(float)
     if logy:
-        y = np.where(y > 0, y, np.nan)  # log scale: a clamped-at-0 or slightly negative eigenvalue is not drawn
+        # Eigenvalues below LOG_FLOOR of the run's largest are zero to rounding (float64 eigh of a rank-deficient
+        # F gives ~1e-16 of the largest, of either sign): not drawn, so they do not stretch the axis.
+        y, hidden = _above_log_floor(y)
+        if hidden:
+            ax.text(
+                0.01,
+                0.02,
+                f"eigenvalues < {LOG_FLOOR:g} x largest (zero to rounding) not drawn",
+                fontsize=8,
+                color="0.35",
+                transform=ax.transAxes,
+            )
     segments = [np.column_stack([steps, y[:, i]]) for i in range(len(ranks))]
-    lines = LineCollection(segments, array=ranks, cmap="viridis", linewidths=0.8, norm=None)
+    lines = LineCollection(segments, array=ranks, cmap="viridis", linewidths=0.8)
     ax.add_collection(lines)
+    if len(steps) < 3:  # a line needs two points: show the few records as dots as well
+        ax.scatter(
+            np.repeat(steps, len(ranks)), y.ravel(), c=np.tile(ranks, len(steps)), cmap="viridis", s=10, norm=lines.norm
+        )
     finite = y[np.isfinite(y)]
     if logy:
         ax.set_yscale("log")
@@ -352,10 +384,11 @@ def _trajectories(fig, ax, steps, values, title, ylabel, *, logy):
         lo, hi = finite.min(), finite.max()
         pad = (hi / lo) ** 0.05 if logy and lo > 0 else None
         ax.set_ylim((lo / pad, hi * pad) if pad else (lo - 0.05 * (hi - lo or 1), hi + 0.05 * (hi - lo or 1)))
-    ax.set_xlim(steps.min(), steps.max() if steps.max() > steps.min() else steps.min() + 1)
+    lo, hi = float(steps.min()), float(steps.max())
+    ax.set_xlim((lo, hi) if hi > lo else (lo - 1, lo + 1))
     bar = fig.colorbar(lines, ax=ax, pad=0.01)
     bar.set_label("rank index j (0 = largest)")
-    shown = "" if len(ranks) == d else f" (every {ranks[1]}-th of {d})"
+    shown = "" if len(ranks) == d else f" ({len(ranks)} of {d} shown)"
     ax.set_title(title + shown)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
@@ -382,6 +415,7 @@ def spectrum_figure(run: Run):
         ):
             _not_recorded(ax, title, why)
         return fig
+    marker = "o" if steps.size < 3 else None  # a line needs two points
     source = str(spec.get("f_source", ""))
     about_f = {"ema": "predictor's EMA", "batch": "z^T z / N of the record step"}.get(source, "")
     if "f_eigs" in spec:
@@ -407,8 +441,10 @@ def spectrum_figure(run: Run):
     if "alignment" in spec:
         cos = spec["alignment"].astype(float)
         for j in range(min(TOP_K, cos.shape[1])):
-            align_ax.plot(steps, cos[:, j], color=plt.get_cmap("tab10")(j), lw=0.9, label=f"u_{j}")
-        align_ax.plot(steps, np.nanmean(cos, axis=1), color="black", lw=2.2, label=f"mean over all {cos.shape[1]}")
+            align_ax.plot(steps, cos[:, j], color=plt.get_cmap("tab10")(j), lw=0.9, label=f"u_{j}", marker=marker)
+        align_ax.plot(
+            steps, _row_mean(cos), color="black", lw=2.2, marker=marker, label=f"mean over all {cos.shape[1]}"
+        )
         align_ax.axhline(1.0, color="0.5", ls=":", lw=1)
         align_ax.set_ylim(-1.05, 1.05)
         align_ax.set_title("alignment cos(u_j, W u_j), u_j: eigenvectors of F")
@@ -419,7 +455,7 @@ def spectrum_figure(run: Run):
     else:
         _not_recorded(align_ax, "alignment cos(u_j, W u_j)", no_w)
     if asym is not None:
-        asym_ax.plot(steps, asym, color="tab:purple", lw=1.5)
+        asym_ax.plot(steps, asym, color="tab:purple", lw=1.5, marker=marker)
         asym_ax.set_ylim(bottom=0.0, top=max(np.nanmax(asym, initial=0.0) * 1.1, 1e-3))
         if symmetric:
             largest = np.nanmax(np.abs(asym), initial=0.0)
@@ -458,14 +494,15 @@ def compare_spectrum_figure(runs: list[Run], colours: list):
         if "f_eigs" in spec:
             s = spec["f_eigs"][-1].astype(float)
             if np.isfinite(s).all() and s[0] > 0:
-                s = np.where(s > 0, s / s[0], np.nan)
+                s = _above_log_floor(s / s[0])[0]
                 last_ax.plot(np.arange(s.size), s, color=colour, lw=1.6, label=f"{run.label} (step {steps[-1]})")
                 drawn["f"] = True
+        marker = "o" if steps.size < 3 else None  # a line needs two points
         if "alignment" in spec:
-            align_ax.plot(steps, np.nanmean(spec["alignment"], axis=1), color=colour, lw=1.6, label=run.label)
+            align_ax.plot(steps, _row_mean(spec["alignment"]), color=colour, lw=1.6, marker=marker, label=run.label)
             drawn["align"] = True
         if "asymmetry" in spec:
-            asym_ax.plot(steps, spec["asymmetry"], color=colour, lw=1.6, label=run.label)
+            asym_ax.plot(steps, spec["asymmetry"], color=colour, lw=1.6, marker=marker, label=run.label)
             drawn["asym"] = True
     panels = (
         (last_ax, "f", "F's spectrum at the last record", "rank index j (0 = largest)", "s_j / s_0 (log scale)"),

@@ -180,6 +180,17 @@ def test_mlp_run_has_f_but_no_w_panels(runs):
     assert "eigenvalues of F (z^T z / N of the record step)" in _texts(fig)
 
 
+def test_wide_single_record_spectrum_is_subsampled_and_hides_rounding_zeros(tmp_path):
+    d = 300
+    s = np.concatenate([np.geomspace(10.0, 0.1, d // 2), np.full(d // 2, 1e-17)])[None]  # rank-deficient F
+    spectrum = {"step": np.array([0]), "f_eigs": s.astype(np.float32), "effective_rank": np.array([100.0])}
+    run = fastpred.plot.Run(tmp_path, "wide", "wide", {}, [], [], spectrum, None)
+    texts = _texts(spectrum_figure(run))
+    assert "eigenvalues of F (101 of 300 shown)" in texts  # every 3rd rank index, and the last
+    assert "x largest (zero to rounding) not drawn" in texts
+    assert texts.count("not recorded (predictor: ?, no linear W)") == 3
+
+
 def test_truncated_last_line_is_skipped_with_a_note(tmp_path, capsys, runs, monkeypatch):
     run = Path(shutil.copytree(runs["directpred"], tmp_path / "killed"))
     complete = len(load_run(run).train)
