@@ -95,6 +95,8 @@ def test_effective_rank_is_d_for_identity_and_one_for_rank_one():
     out = rec.arrays()
     assert set(out) == {"step", "f_eigs", "effective_rank", "f_source"}  # no W without a linear head
     assert str(out["f_source"]) == "batch"
+    with pytest.raises(ValueError, match="dim 16 but F at step 2 is 8-dim"):
+        rec.observe(2, torch.randn(4, 8), None)
 
 
 def test_direct_predictor_uses_its_own_f_and_is_aligned():

@@ -78,6 +78,8 @@ class SpectrumRecorder:
             return None
         with torch.no_grad():
             row = _measure(z, _unwrap(predictor))
+        if len(row["f_eigs"]) != self.dim:
+            raise ValueError(f"SpectrumRecorder has dim {self.dim} but F at step {step} is {len(row['f_eigs'])}-dim")
         self.f_source = row.pop("f_source")
         self._rows["step"].append(int(step))
         for name in ARRAYS[1:]:
