@@ -1,0 +1,268 @@
+"""Every setting of a run: one dataclass, the presets, and the `--key value` flags derived from it.
+
+A run's settings resolve in this order: the dataclass defaults, then the preset (`--preset`, default `digits`),
+then the flags given on the command line. `config.json` in the run folder holds the result, and `--resume`
+reads it back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass
+
+from fastpred.train.models import BACKBONES, PREDICTORS
+from fastpred.train.optim import OPTIMIZERS, SCHEDULES
+
+
+class ConfigError(ValueError):
+    """A setting or combination of settings that cannot run; the CLI prints it as one line."""
+
+
+@dataclass
+class Config:
+    # --- what to train
+    data: str = "digits"  # a .beton path, "digits" (embedded default) or "synthetic" (random images, no loader)
+    val: str | None = None  # held-out .beton for the probes; default: the digits test split, or a training slice
+    preset: str = "digits"  # the settings below, as published for that data set (every flag overrides them)
+    method: str = "byol"  # byol (EMA target) or simsiam (the online network, stop-gradient, is the target)
+    predictor: str = "directpred"  # directpred, directcopy, linear, mlp, offdiag or none
+    # --- DirectPredictor (directpred / directcopy only)
+    rho: float = 0.3  # EMA coefficient of F
+    eps: float = 0.1  # added to every normalised eigenvalue
+    alpha: float | None = None  # exponent on the eigenvalues; default 0.5 (directpred) or 1 (directcopy)
+    freq: int = 1  # recompute W after every freq-th step
+    groups: int = 1  # block-diagonal predictor with this many blocks
+    backend: str = "auto"  # DirectPredictor backend: auto (triton on CUDA, torch on the CPU), torch, triton
+    sweeps: int = 6  # Jacobi sweep cap per refresh (triton backend)
+    trainable: bool = False  # train W by gradient between refreshes (the paper's freq > 1 variant)
+    # --- mlp predictor only
+    pred_hidden: int = 512  # hidden width of the MLP predictor
+    # --- model
+    backbone: str = "small_cnn"  # small_cnn, resnet18_small (3x3 stem, no max-pool), resnet18, resnet50
+    proj_hidden: int = 256  # projector Linear-BN-ReLU-Linear hidden width
+    proj_dim: int = 64  # projector output width d (the predictor's dimension)
+    sync_bn: bool = True  # SyncBatchNorm across processes under torchrun (as BYOL)
+    # --- data and augmentation
+    resolution: int = 32  # side of the training views (and of the probes' centre crops)
+    crop_scale: float = 0.08  # smallest area fraction of a random resized crop
+    workers: int = -1  # FFCV decoding threads per process (-1: all cores)
+    # --- optimisation
+    epochs: int = 100
+    batch_size: int = 128  # images per process and step (two views each); the global batch is this x processes
+    optimizer: str = "sgd"  # sgd or lars (LARS excludes biases and norm parameters from adaptation and decay)
+    lr: float = 0.03  # base learning rate; with lr_scaling=linear, lr x global batch / 256
+    lr_scaling: str = "none"  # none or linear
+    momentum: float = 0.9
+    weight_decay: float = 4e-4
+    exclude_bias_norm: bool = False  # no weight decay (and no LARS adaptation) on biases and norm parameters
+    warmup_epochs: float = 0.0  # linear warm-up of the learning rate
+    schedule: str = "constant"  # learning-rate schedule after warm-up: constant or cosine (to 0)
+    target_ema: float = 0.996  # BYOL target momentum
+    target_ema_schedule: str = "constant"  # constant, or cosine (BYOL: rises from target_ema to 1)
+    # --- speed
+    device: str = "auto"  # auto (cuda if present), cpu, cuda
+    compile: bool = False  # torch.compile the backbone and projector
+    amp: bool = True  # bf16 autocast on CUDA (never on the CPU)
+    channels_last: bool = True  # channels-last memory format on CUDA
+    synthetic_steps: int = 20  # steps per epoch with --data synthetic
+    max_steps: int = 0  # stop after this many steps in all (0: no limit); for benchmarks and smoke runs
+    # --- evaluation and logging
+    probe_lr: float = 1e-3  # online linear probe's learning rate (its own Adam)
+    knn_every: int = 1  # kNN monitor every k epochs (0: never) on the held-out set
+    knn_k: int = 20
+    final_probe: bool = True  # linear probe on frozen features at the end, and on a random-init backbone
+    final_probe_epochs: int = 100
+    log_every: int = 10  # steps per metrics line
+    spectrum_every: int = 50  # record F's and W's spectra every k steps (0: never)
+    progress: str = "auto"  # auto (a bar on a terminal), bar, plain
+    seed: int = 0
+    # --- run folder
+    out: str | None = None  # default runs/<date>-<time>-<preset>
+    resume: str | None = None  # a run folder to continue
+    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch and a signal always write one)
+
+    @property
+    def uses_direct(self) -> bool:
+        return self.predictor in ("directpred", "directcopy")
+
+
+#: Flags that only mean something with certain settings: flag -> (what it needs, a test on the config).
+_APPLIES: dict[str, tuple[str, typing.Callable[[Config], bool]]] = {
+    **{k: ("--predictor directpred or directcopy", lambda c: c.uses_direct)
+       for k in ("rho", "eps", "alpha", "freq", "groups", "backend", "sweeps", "trainable")},
+    "pred_hidden": ("--predictor mlp", lambda c: c.predictor == "mlp"),
+    "target_ema": ("--method byol", lambda c: c.method == "byol"),
+    "target_ema_schedule": ("--method byol", lambda c: c.method == "byol"),
+    "val": ("--data PATH.beton", lambda c: c.data not in ("digits", "synthetic")),
+    "workers": ("a .beton or the digits (not --data synthetic)", lambda c: c.data != "synthetic"),
+    "synthetic_steps": ("--data synthetic", lambda c: c.data == "synthetic"),
+}
+
+PRESETS: dict[str, dict[str, typing.Any]] = {
+    # Small enough that `python -m fastpred.train` finishes in well under three minutes on a 2-core CPU.
+    "digits": dict(
+        backbone="small_cnn", proj_hidden=256, proj_dim=64, resolution=16, crop_scale=0.3, epochs=30,
+        batch_size=128, optimizer="sgd", lr=0.05, weight_decay=4e-4, target_ema=0.99, pred_hidden=256,
+        spectrum_every=10, log_every=5,
+    ),
+    # The official DirectPred code's CIFAR-10 / STL-10 configuration (facebookresearch/luckmatters ssl).
+    "cifar10": dict(
+        backbone="resnet18_small", proj_hidden=512, proj_dim=128, resolution=32, epochs=100, batch_size=128,
+        optimizer="sgd", lr=0.03, momentum=0.9, weight_decay=4e-4, target_ema=0.996, pred_hidden=512,
+    ),
+    "stl10": dict(
+        backbone="resnet18_small", proj_hidden=512, proj_dim=128, resolution=96, epochs=100, batch_size=128,
+        optimizer="sgd", lr=0.03, momentum=0.9, weight_decay=4e-4, target_ema=0.996, pred_hidden=512,
+    ),
+    # BYOL's ImageNet recipe (Grill et al. 2020): LARS, base lr 0.2 per 256 images, cosine, EMA 0.996 -> 1.
+    "imagenet": dict(
+        backbone="resnet50", proj_hidden=4096, proj_dim=256, resolution=224, epochs=300, batch_size=256,
+        optimizer="lars", lr=0.2, lr_scaling="linear", momentum=0.9, weight_decay=1.5e-6, exclude_bias_norm=True,
+        warmup_epochs=10, schedule="cosine", target_ema=0.996, target_ema_schedule="cosine", pred_hidden=4096,
+        knn_every=10, final_probe_epochs=30, log_every=50, spectrum_every=500,
+    ),
+}
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "preset": tuple(PRESETS),
+    "method": ("byol", "simsiam"),
+    "predictor": PREDICTORS,
+    "backend": ("auto", "torch", "triton"),
+    "backbone": BACKBONES,
+    "optimizer": OPTIMIZERS,
+    "lr_scaling": ("none", "linear"),
+    "schedule": SCHEDULES,
+    "target_ema_schedule": SCHEDULES,
+    "device": ("auto", "cpu", "cuda"),
+    "progress": ("auto", "bar", "plain"),
+}
+
+
+def _field_comments() -> dict[str, str]:
+    """The trailing comment of each field above: the help text of its flag, written once."""
+    import inspect
+
+    out = {}
+    for line in inspect.getsource(Config).splitlines():
+        name, sep, rest = line.strip().partition(":")
+        if sep and "#" in rest and name.isidentifier():
+            out[name] = rest.split("#", 1)[1].strip()
+    return out
+
+
+def _base_type(tp) -> type:
+    """int for `int`, str for `str | None`, and so on."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    presets = "; ".join(f"{name}: {', '.join(f'{k}={v}' for k, v in p.items())}" for name, p in PRESETS.items())
+    parser = argparse.ArgumentParser(
+        prog="python -m fastpred.train",
+        description="BYOL / SimSiam pretraining with DirectPred and its baselines. Every flag overrides the preset.",
+        epilog=f"Presets: {presets}",
+        argument_default=argparse.SUPPRESS,  # only flags actually given reach the config
+    )
+    hints = typing.get_type_hints(Config)
+    comments = _field_comments()
+    for f in dataclasses.fields(Config):
+        tp = _base_type(hints[f.name])
+        kwargs: dict[str, typing.Any] = {"help": comments.get(f.name, ""), "dest": f.name}
+        if tp is bool:
+            kwargs.update(type=_bool, nargs="?", const=True, metavar="BOOL")
+        else:
+            kwargs["type"] = tp
+        if f.name in _CHOICES:
+            kwargs["choices"] = _CHOICES[f.name]
+        parser.add_argument(f"--{f.name.replace('_', '-')}", **kwargs)
+    return parser
+
+
+def resolve(given: dict[str, typing.Any]) -> Config:
+    """Defaults, then the preset, then `given` (the flags on the command line); checked."""
+    preset = given.get("preset", Config.preset)
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    cfg = Config(**{**PRESETS[preset], **given, "preset": preset})
+    if cfg.alpha is None:
+        cfg.alpha = 1.0 if cfg.predictor == "directcopy" else 0.5
+    check(cfg, given)
+    return cfg
+
+
+def check(cfg: Config, given: dict[str, typing.Any]) -> None:
+    """Flags that do not apply and settings that cannot run, as one-line ConfigErrors."""
+    for name in given:
+        if name in _APPLIES:
+            needs, applies = _APPLIES[name]
+            if not applies(cfg):
+                raise ConfigError(f"--{name.replace('_', '-')} applies only with {needs}")
+    positive = ("epochs", "batch_size", "proj_hidden", "proj_dim", "pred_hidden", "resolution", "freq", "groups",
+                "log_every", "knn_k", "synthetic_steps", "final_probe_epochs", "checkpoint_every")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("max_steps", "knn_every", "spectrum_every", "sweeps", "warmup_epochs", "weight_decay", "eps"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.batch_size < 2:
+        raise ConfigError("--batch-size must be >= 2 (BatchNorm needs two samples)")
+    if not 0 <= cfg.rho < 1:
+        raise ConfigError(f"--rho must be in [0, 1), got {cfg.rho}")
+    if not 0 < cfg.crop_scale <= 1:
+        raise ConfigError(f"--crop-scale must be in (0, 1], got {cfg.crop_scale}")
+    if not 0 <= cfg.target_ema <= 1:
+        raise ConfigError(f"--target-ema must be in [0, 1], got {cfg.target_ema}")
+    if cfg.lr <= 0 or cfg.alpha <= 0:
+        raise ConfigError("--lr and --alpha must be > 0")
+    if cfg.uses_direct and cfg.proj_dim % cfg.groups:
+        raise ConfigError(f"--groups {cfg.groups} does not divide --proj-dim {cfg.proj_dim}")
+    if cfg.resume and cfg.out:
+        raise ConfigError("--resume continues the run in its own folder; drop --out")
+
+
+def to_json(cfg: Config) -> str:
+    return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> Config:
+    data = json.loads(text)
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"config.json has settings this version does not know: {', '.join(unknown)}")
+    return Config(**data)
+
+
+#: Settings a resumed run may change: they do not alter the trajectory.
+RESUMABLE = frozenset({"workers", "progress", "log_every", "device", "compile", "max_steps", "knn_every",
+                       "final_probe", "final_probe_epochs", "checkpoint_every", "resume", "out"})
+
+
+def resumed(saved: Config, given: dict[str, typing.Any]) -> Config:
+    """The saved config with the flags given at `--resume`; a flag that would change the run is an error."""
+    for name, value in given.items():
+        if name not in RESUMABLE and getattr(saved, name) != value:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} {value} contradicts the run's config ({name}={getattr(saved, name)!r}); "
+                "a resumed run keeps its settings"
+            )
+    return dataclasses.replace(saved, **{k: v for k, v in given.items() if k in RESUMABLE})
+
+
+__all__ = ["Config", "ConfigError", "PRESETS", "build_parser", "resolve", "to_json", "from_json", "resumed",
+           "check", "RESUMABLE"]
