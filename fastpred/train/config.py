@@ -250,11 +250,13 @@ def from_json(text: str) -> Config:
 
 #: Settings a resumed run may change: they do not alter the trajectory.
 RESUMABLE = frozenset({"workers", "progress", "log_every", "device", "compile", "max_steps", "knn_every",
-                       "final_probe", "final_probe_epochs", "checkpoint_every", "resume", "out"})
+                       "final_probe", "final_probe_epochs", "checkpoint_every", "resume"})
 
 
 def resumed(saved: Config, given: dict[str, typing.Any]) -> Config:
     """The saved config with the flags given at `--resume`; a flag that would change the run is an error."""
+    if "out" in given:
+        raise ConfigError("--resume continues the run in its own folder; drop --out")
     for name, value in given.items():
         if name not in RESUMABLE and getattr(saved, name) != value:
             raise ConfigError(

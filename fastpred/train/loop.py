@@ -187,8 +187,15 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------------------
     def fit(self) -> dict:
+        previous = self._install_signal_handlers()
+        try:
+            return self._fit()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _fit(self) -> dict:
         cfg = self.cfg
-        self._install_signal_handlers()
         bar = self._progress()
         views = self.sources.train_views
         start = time.perf_counter()
@@ -301,7 +308,7 @@ class Trainer:
         return knn
 
     # --- stop, resume, finish -----------------------------------------------------------------------------
-    def _install_signal_handlers(self) -> None:
+    def _install_signal_handlers(self) -> dict:
         def request_stop(signum, frame):
             if self.stop_signal is not None:  # a second signal: give up at once
                 raise KeyboardInterrupt
@@ -309,8 +316,7 @@ class Trainer:
             print(f"\n{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint",
                   file=sys.stderr, flush=True)
 
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, request_stop)
+        return {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def _stop(self, bar) -> dict:
         if bar is not None:
