@@ -21,6 +21,7 @@ class CounterAlert:
         self.fired = False
         self._host: torch.Tensor | None = None
         self._event: torch.cuda.Event | None = None
+        self._device: torch.device | None = None
 
     def poll(self, counter: torch.Tensor) -> None:
         if self.fired:
@@ -28,19 +29,23 @@ class CounterAlert:
         if counter.device.type != "cuda":
             self._fire_if_positive(int(counter))
             return
-        if torch.cuda.is_current_stream_capturing():
-            return
-        if self._event is not None:
-            if not self._event.query():
-                return  # the last copy is still in flight: look again next time
-            self._fire_if_positive(int(self._host))
-            if self.fired:
+        # Everything on the counter's GPU, which need not be the current one: the capture test, the copy and the
+        # event all see that GPU's current stream, so the event completes only after the copy it guards.
+        with torch.cuda.device(counter.device):
+            if torch.cuda.is_current_stream_capturing():
                 return
-        if self._host is None:
-            self._host = torch.zeros((), dtype=counter.dtype, pin_memory=True)
-            self._event = torch.cuda.Event()
-        self._host.copy_(counter, non_blocking=True)
-        self._event.record()
+            if self._event is not None:
+                if not self._event.query():
+                    return  # the last copy is still in flight: look again next time
+                self._fire_if_positive(int(self._host))
+                if self.fired:
+                    return
+            if self._host is None or self._device != counter.device:  # first poll, or the module moved GPU
+                self._host = torch.zeros((), dtype=counter.dtype, pin_memory=True)
+                self._event = torch.cuda.Event()
+                self._device = counter.device
+            self._host.copy_(counter, non_blocking=True)
+            self._event.record()
 
     def _fire_if_positive(self, count: int) -> None:
         if count > 0:
