@@ -10,7 +10,6 @@ The full contract is in DESIGN.md ("The numerical contract of DirectPredictor").
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 import torch
@@ -211,13 +210,9 @@ class DirectPredictor(nn.Module):
             name = "triton" if device.type == "cuda" else "torch"
         if name == "torch":
             return torch_backend
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported "
-                f"to run on {device.type} tensors; got {device.type} tensors"
-            )
         from fastpred import triton_backend  # imports triton: only where it is used
 
+        triton_backend.check_device(device)
         return triton_backend
 
     def _global_correlation(self, z: torch.Tensor, backend: ModuleType) -> tuple[torch.Tensor, torch.Tensor]:

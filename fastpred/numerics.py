@@ -1,37 +1,9 @@
-"""Numerical guards shared by the predictor backends."""
+"""Numerical guards shared by the predictor backends.
 
-from __future__ import annotations
+`full_fp32_matmul` is defined in `fastpred.kernels._common` (torch only), the layer below both the
+kernels and the backends, and re-exported here.
+"""
 
-import contextlib
-from collections.abc import Iterator
+from fastpred.kernels._common import full_fp32_matmul
 
-import torch
-
-
-@contextlib.contextmanager
-def full_fp32_matmul() -> Iterator[None]:
-    """Run fp32 matmuls in true IEEE fp32 inside the block, whatever the user's global TF32 setting.
-
-    TF32 keeps 10 mantissa bits: enough for a backbone, but it wipes out the small eigenvalues of F
-    that DirectPred's square root amplifies. The user's setting is restored on exit. PyTorch >= 2.9
-    refuses to mix its legacy and new precision APIs, and reading the new one works after either, so
-    the new one is used where it exists.
-    """
-    if not torch.cuda.is_initialized():  # no CUDA matmul can run; the CPU has no TF32
-        yield
-        return
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        previous = matmul.fp32_precision
-        matmul.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = previous
-    else:  # pragma: no cover - PyTorch < 2.9
-        previous = matmul.allow_tf32
-        matmul.allow_tf32 = False
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = previous
+__all__ = ["full_fp32_matmul"]

@@ -13,13 +13,9 @@ import math
 
 import torch
 
-from fastpred.numerics import full_fp32_matmul
+from fastpred.kernels._common import feature_blocks, full_fp32_matmul
 
-
-def feature_blocks(z: torch.Tensor, groups: int) -> torch.Tensor:
-    """(N, G*m) -> (G, N, m): the contiguous feature blocks of a grouped predictor, as a view."""
-    n, d = z.shape
-    return z.reshape(n, groups, d // groups).transpose(0, 1)
+__all__ = ["diagonal_is_finite", "feature_blocks", "fold_", "fold_ema_", "grouped_gram", "refresh_predictor_"]
 
 
 def grouped_gram(z: torch.Tensor, groups: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastpred.kernels import corr_ema, eigh_warm, largest_eigenvalue, predictor_from_eigh
+from fastpred.kernels._launch import interpreted
 from fastpred.torch_backend import diagonal_is_finite
 
 #: Sweeps allowed on the first (cold) refresh and on the one after a non-converged solve (a cold
@@ -18,6 +19,16 @@ from fastpred.torch_backend import diagonal_is_finite
 #: Also the launch budget of the block solver for d / groups > 64, where sweeps past convergence are
 #: launched as no-ops (each kernel reads a device flag and returns).
 FULL_SWEEPS = 12
+
+
+def check_device(device: torch.device) -> None:
+    """One ValueError line unless the kernels can run on `device`: CUDA, or any device when they were decorated
+    by Triton's interpreter (TRITON_INTERPRET=1 set before triton was imported). Nothing here sets it."""
+    if device.type != "cuda" and not interpreted():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported to run on "
+            f"{device.type} tensors; got {device.type} tensors"
+        )
 
 
 def grouped_gram(z: torch.Tensor, groups: int) -> torch.Tensor:

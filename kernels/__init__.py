@@ -15,21 +15,30 @@ Predictor (`predictor.py`):
     largest_eigenvalue(F, v0=None, iters, *, squarings) -> (smax, v)            for DirectCopy (alpha = 1)
     largest_eigenvalue_ref(F) -> smax
 
-None of them synchronises with the host. On a machine without a GPU the kernels run on CPU tensors
-under the Triton interpreter (set TRITON_INTERPRET=1 before triton is first imported).
+None of them synchronises with the host. This package is the bottom layer of fastpred: it imports torch and
+triton only. Its submodules load on first use, so `fastpred` (which takes torch-only helpers from
+`_common.py`) imports without triton. On a machine without a GPU the kernels run on CPU tensors under the
+Triton interpreter: set TRITON_INTERPRET=1 before they are first used; otherwise a launch on a CPU tensor
+raises a ValueError.
 """
 
-from .corr_ema import corr_ema, corr_ema_ref
-from .eigh import eigh_ref, eigh_warm
-from .predictor import (
-    largest_eigenvalue,
-    largest_eigenvalue_ref,
-    predictor_from_eigh,
-    predictor_from_eigh_ref,
-    predictor_newton_schulz,
-    predictor_newton_schulz_ref,
-)
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "corr_ema": "corr_ema",
+    "corr_ema_ref": "corr_ema",
+    "eigh_warm": "eigh",
+    "eigh_ref": "eigh",
+    "predictor_from_eigh": "predictor",
+    "predictor_from_eigh_ref": "predictor",
+    "predictor_newton_schulz": "predictor",
+    "predictor_newton_schulz_ref": "predictor",
+    "largest_eigenvalue": "predictor",
+    "largest_eigenvalue_ref": "predictor",
+}
 __all__ = [
     "corr_ema",
     "corr_ema_ref",
@@ -42,3 +51,33 @@ __all__ = [
     "largest_eigenvalue",
     "largest_eigenvalue_ref",
 ]
+
+if TYPE_CHECKING:
+    from .corr_ema import corr_ema, corr_ema_ref
+    from .eigh import eigh_ref, eigh_warm
+    from .predictor import (
+        largest_eigenvalue,
+        largest_eigenvalue_ref,
+        predictor_from_eigh,
+        predictor_from_eigh_ref,
+        predictor_newton_schulz,
+        predictor_newton_schulz_ref,
+    )
+
+
+def _load() -> None:
+    """Import the kernel modules (and triton) and bind their public functions here. Binding after the imports
+    matters: importing the submodule `corr_ema` sets this package's attribute `corr_ema` to the module."""
+    modules = {name: importlib.import_module(f".{name}", __name__) for name in set(_EXPORTS.values())}
+    globals().update({name: getattr(modules[module], name) for name, module in _EXPORTS.items()})
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:  # first use (PEP 562)
+        _load()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

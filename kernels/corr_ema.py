@@ -8,15 +8,14 @@ into the lower triangle by the program that computed it, so F stays exactly symm
 from __future__ import annotations
 
 import functools
-import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from fastpred.torch_backend import feature_blocks
-
-from ._launch import on_device
+from ._common import feature_blocks
+from ._launch import check_grid, launch_device
 from ._tiles import upper_tile
 
 __all__ = ["corr_ema", "corr_ema_ref"]
@@ -44,22 +43,27 @@ def _gram_tile(
     offs_k = tl.arange(0, BLOCK_N)
     mask_m = offs_m < d
     mask_n = offs_n < d
+    # int64 offsets: with int32 strides (Triton passes an int that fits as i32) row * stride_zn would wrap past
+    # 2^31 elements of z.
+    col_m = offs_m.to(tl.int64)[None, :] * stride_zd
+    col_n = offs_n.to(tl.int64)[None, :] * stride_zd
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     col_sum = tl.zeros((BLOCK,), dtype=tl.float32)
     for k0 in range(row_start, row_end, BLOCK_N):
         rows = k0 + offs_k
         in_rows = rows < row_end
-        zm = tl.load(z_ptr + rows[:, None] * stride_zn + offs_m[None, :] * stride_zd,
-                     mask=in_rows[:, None] & mask_m[None, :], other=0.0)  # (BLOCK_N, BLOCK)
-        zn = tl.load(z_ptr + rows[:, None] * stride_zn + offs_n[None, :] * stride_zd,
-                     mask=in_rows[:, None] & mask_n[None, :], other=0.0)  # (BLOCK_N, BLOCK)
+        row_off = rows.to(tl.int64)[:, None] * stride_zn
+        zm = tl.load(z_ptr + row_off + col_m, mask=in_rows[:, None] & mask_m[None, :], other=0.0)  # (BLOCK_N, BLOCK)
+        zn = tl.load(z_ptr + row_off + col_n, mask=in_rows[:, None] & mask_n[None, :], other=0.0)  # (BLOCK_N, BLOCK)
         if FP32_DOT:
             zm = zm.to(tl.float32)
             zn = zn.to(tl.float32)
             acc = tl.dot(tl.trans(zm), zn, acc, input_precision="ieee")
         else:
-            # bf16/fp16 products are exact in fp32 and the tensor-core accumulator is fp32.
-            acc = tl.dot(tl.trans(zm), zn, acc, out_dtype=tl.float32)
+            # bf16/fp16 products are exact in fp32, but tensor cores do not round their accumulation like IEEE
+            # fp32 (an emulation: relative error of z^T z 4e-5 to 2e-4 at N = 16384, growing with N, against
+            # 9e-7 in IEEE fp32). So each BLOCK_N chunk is reduced from zero and added in IEEE fp32 here.
+            acc += tl.dot(tl.trans(zm), zn, out_dtype=tl.float32)
         if HAS_MEAN:
             col_sum += tl.sum(zn.to(tl.float32), axis=0)
     return acc, col_sum
@@ -122,15 +126,18 @@ def _corr_ema_kernel(
 @triton.jit
 def _corr_partial_kernel(
     z_ptr, part_ptr, colsum_ptr, valid_ptr,
-    N, d, rows_per_split,
+    N, d, rows_per_split, splits,
     stride_zn, stride_zd,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr, HAS_VALID: tl.constexpr,
     HAS_MEAN: tl.constexpr,
 ):
-    # Split-K, stage 1: program (tile t, split s, block g) sums rows [s * rows_per_split, ...) into part[g, s, t].
-    t = tl.program_id(0)
-    sp = tl.program_id(1)
-    g = tl.program_id(2).to(tl.int64)
+    # Split-K, stage 1: program (tile t, split sp, block g) sums rows [sp * rows_per_split, ...) into
+    # part[g, sp, t]. Tiles and splits share axis x (2^31 - 1 programs; y would stop at 65535 splits).
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0) // splits
+    t = pid % n_prog
+    sp = pid // n_prog
+    g = tl.program_id(1).to(tl.int64)
     z_ptr += g * d * stride_zd
     bm, bn = upper_tile(t)
     _, is_valid = _flags(valid_ptr, valid_ptr, False, HAS_VALID)
@@ -139,7 +146,7 @@ def _corr_partial_kernel(
     acc, col_sum = _gram_tile(z_ptr, N, d, stride_zn, stride_zd, start, end, bm, bn,
                               BLOCK, BLOCK_N, FP32_DOT, HAS_MEAN)
     r = tl.arange(0, BLOCK)
-    base = ((g * tl.num_programs(1) + sp) * tl.num_programs(0) + t) * BLOCK
+    base = ((g * splits + sp) * n_prog + t) * BLOCK
     tl.store(part_ptr + (base + r[:, None]) * BLOCK + r[None, :], acc)
     if HAS_MEAN:
         tl.store(colsum_ptr + base + r, col_sum)
@@ -170,10 +177,6 @@ def _corr_finish_kernel(
             col_sum += tl.load(colsum_ptr + base + r)
     _ema_store(acc, col_sum, F_ptr, mean_ptr, N, d, bm, bn, rho, scale_new, scale_first, is_first, is_valid,
                BLOCK, HAS_MEAN)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _flag(x: torch.Tensor | None, name: str, device: torch.device) -> torch.Tensor | None:
@@ -240,10 +243,53 @@ def corr_ema(
     Both flags are read on the device: no host synchronisation, CUDA-graph capturable. Returns F.
     """
     _check(F, z, rho, mean, splits)
+    launch = launch_device(z, _corr_ema_kernel, "corr_ema")
     N = z.shape[0]
     G, d = (1, F.shape[0]) if F.dim() == 2 else (F.shape[0], F.shape[1])  # d: the size of one block
     first_t = _flag(first, "first", z.device)
     valid_t = _flag(valid, "valid", z.device)
+    plan = _plan(N, d, G, splits, _sm_count(z.device) if z.is_cuda else None)
+    # bf16/fp16 take the tensor-core route, under the interpreter too (it widens bf16 exactly: _launch.py).
+    fp32_dot = z.dtype == torch.float32
+    has = dict(HAS_FIRST=first_t is not None, HAS_VALID=valid_t is not None, HAS_MEAN=mean is not None)
+    mean_arg = mean if mean is not None else F
+    first_arg = first_t if first_t is not None else F
+    valid_arg = valid_t if valid_t is not None else F
+    scales = (float(rho), (1.0 - float(rho)) / N, 1.0 / N)
+    tiles = dict(BLOCK=plan.BLOCK, BLOCK_N=plan.BLOCK_N, FP32_DOT=fp32_dot)
+    with launch:
+        if plan.splits == 1:
+            _corr_ema_kernel[plan.grids[0]](
+                z, F, mean_arg, first_arg, valid_arg, N, d, z.stride(0), z.stride(1), *scales,
+                **tiles, **has, num_warps=4,
+            )
+        else:
+            shape = (G, plan.splits, plan.n_prog, plan.BLOCK)
+            part = torch.empty(*shape, plan.BLOCK, dtype=torch.float32, device=z.device)
+            colsum = torch.empty(*shape, dtype=torch.float32, device=z.device)
+            _corr_partial_kernel[plan.grids[0]](
+                z, part, colsum, valid_arg, N, d, plan.rows_per_split, plan.splits, z.stride(0), z.stride(1),
+                **tiles, HAS_VALID=has["HAS_VALID"], HAS_MEAN=has["HAS_MEAN"], num_warps=4,
+            )
+            _corr_finish_kernel[plan.grids[1]](
+                part, colsum, F, mean_arg, first_arg, valid_arg, N, d, plan.splits, *scales,
+                BLOCK=plan.BLOCK, **has, num_warps=4,
+            )
+    return F
+
+
+class _Plan(NamedTuple):
+    BLOCK: int  # square output tile of F
+    BLOCK_N: int  # rows of z per reduction step
+    n_prog: int  # upper-triangle tiles of one feature block
+    splits: int  # slices of N reduced in parallel (1: no split-K)
+    rows_per_split: int
+    grids: tuple[tuple[int, ...], ...]  # one grid per launch
+
+
+def _plan(N: int, d: int, G: int, splits: int | None, sms: int | None) -> _Plan:
+    """Tiles, split-K and launch grids for z (N, G d) into F (G, d, d): host arithmetic only, so the tests
+    check the grids at sizes too large to launch here. sms: the GPU's SM count, None on the CPU."""
     # Fixed configs, not tuned on a GPU yet (none was available): 64 x 64 output tiles keep register
     # use moderate for 4 warps; smaller d gets the smallest tile that tl.dot accepts (16).
     BLOCK = 16 if d <= 16 else 32 if d <= 32 else 64
@@ -251,48 +297,24 @@ def corr_ema(
     n_tiles = triton.cdiv(d, BLOCK)
     n_prog = n_tiles * (n_tiles + 1) // 2
     if splits is None:
-        splits = _auto_splits(z, n_prog * G, N, BLOCK_N)
+        # About two programs per SM, and slices of at least 8 row blocks so the second pass stays small.
+        splits = 1 if sms is None else max(1, min(triton.cdiv(2 * sms, n_prog * G), triton.cdiv(N, 8 * BLOCK_N)))
     rows_per_split = triton.cdiv(triton.cdiv(N, splits), BLOCK_N) * BLOCK_N
     splits = triton.cdiv(N, rows_per_split)  # no empty slice
-    # The Triton interpreter (3.8) returns garbage for bf16 tl.dot, so it takes the fp32 route there.
-    fp32_dot = z.dtype == torch.float32 or (z.dtype == torch.bfloat16 and _interpreting())
-    has = dict(HAS_FIRST=first_t is not None, HAS_VALID=valid_t is not None, HAS_MEAN=mean is not None)
-    mean_arg = mean if mean is not None else F
-    first_arg = first_t if first_t is not None else F
-    valid_arg = valid_t if valid_t is not None else F
-    scales = (float(rho), (1.0 - float(rho)) / N, 1.0 / N)
-    with on_device(z):
-        if splits == 1:
-            _corr_ema_kernel[(n_prog, G)](
-                z, F, mean_arg, first_arg, valid_arg, N, d, z.stride(0), z.stride(1), *scales,
-                BLOCK=BLOCK, BLOCK_N=BLOCK_N, FP32_DOT=fp32_dot, **has, num_warps=4,
-            )
-        else:
-            part = torch.empty(G, splits, n_prog, BLOCK, BLOCK, dtype=torch.float32, device=z.device)
-            colsum = torch.empty(G, splits, n_prog, BLOCK, dtype=torch.float32, device=z.device)
-            _corr_partial_kernel[(n_prog, splits, G)](
-                z, part, colsum, valid_arg, N, d, rows_per_split, z.stride(0), z.stride(1),
-                BLOCK=BLOCK, BLOCK_N=BLOCK_N, FP32_DOT=fp32_dot, HAS_VALID=has["HAS_VALID"],
-                HAS_MEAN=has["HAS_MEAN"], num_warps=4,
-            )
-            _corr_finish_kernel[(n_prog, G)](
-                part, colsum, F, mean_arg, first_arg, valid_arg, N, d, splits, *scales,
-                BLOCK=BLOCK, **has, num_warps=4,
-            )
-    return F
+    # Feature blocks go on axis y (at most 65535 of them); tiles, and tiles x splits, on axis x.
+    grids = ((n_prog, G),) if splits == 1 else ((n_prog * splits, G), (n_prog, G))
+    for grid in grids:
+        check_grid(grid, "corr_ema")
+    return _Plan(BLOCK, BLOCK_N, n_prog, splits, rows_per_split, grids)
+
+
+def _sm_count(device: torch.device) -> int:
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.cache
-def _sm_count(device_index: int) -> int:
+def _sm_count_of(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _auto_splits(z: torch.Tensor, n_prog: int, N: int, block_n: int) -> int:
-    if not z.is_cuda:
-        return 1
-    sms = _sm_count(z.device.index if z.device.index is not None else torch.cuda.current_device())
-    # About two programs per SM, and slices of at least 8 row blocks so the second pass stays small.
-    return max(1, min(triton.cdiv(2 * sms, n_prog), triton.cdiv(N, 8 * block_n)))
 
 
 def corr_ema_ref(

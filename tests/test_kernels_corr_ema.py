@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from devices import DEVICES
+from devices import TRITON_DEVICES
 from fastpred.kernels import corr_ema, corr_ema_ref
 
 TOL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -28,7 +28,7 @@ def _plain_fp32(F: torch.Tensor, z: torch.Tensor, rho: float) -> torch.Tensor:
         torch.backends.cuda.matmul.allow_tf32 = prev
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("dtype", TOL_DTYPES)
 @pytest.mark.parametrize("N", [1, 3, 257])
 @pytest.mark.parametrize("d", [1, 7, 32, 64, 100])
@@ -47,7 +47,7 @@ def test_matches_float64(device, dtype, N, d):
     torch.testing.assert_close(mean.double(), z.double().mean(0), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize(("N", "splits"), [(1, 3), (257, 2), (257, 5), (300, 40)])
 def test_split_k_matches_float64(device, N, splits):
     # Slices of N reduced in parallel, then summed in a fixed order; flags and mean as without splits.
@@ -70,7 +70,7 @@ def test_split_k_matches_float64(device, N, splits):
     torch.testing.assert_close(again.double(), z.double().T @ z.double() / N, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("splits", [1, 3])
 def test_feature_blocks_in_one_launch(device, splits):
     # F (G, m, m): block g folds z[:, g m : (g + 1) m], as G separate calls would.
@@ -91,7 +91,7 @@ def test_feature_blocks_in_one_launch(device, splits):
     torch.testing.assert_close(F, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_strided_input(device):
     torch.manual_seed(0)
     big = torch.randn(300, 220, device=device)
@@ -107,7 +107,7 @@ def test_strided_input(device):
         assert (F.double() - ref).abs().max() <= 2 * err_plain + 1e-6 * ref.abs().max()
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("flag_dtype", [torch.bool, torch.int64, torch.int32])
 def test_first_starts_the_ema_without_reading_F(device, flag_dtype):
     torch.manual_seed(1)
@@ -120,7 +120,7 @@ def test_first_starts_the_ema_without_reading_F(device, flag_dtype):
     torch.testing.assert_close(F.double(), _oracle(F0, z, 0.5), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_invalid_batch_writes_nothing(device):
     torch.manual_seed(2)
     z = torch.randn(5, 40, device=device)
@@ -137,7 +137,7 @@ def test_invalid_batch_writes_nothing(device):
     torch.testing.assert_close(mean, z.mean(0), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_reference_has_the_same_semantics(device):
     torch.manual_seed(3)
     z = torch.randn(7, 12, device=device).to(torch.bfloat16)

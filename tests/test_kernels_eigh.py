@@ -3,7 +3,7 @@ eigvalsh), never by comparing eigenvectors. n <= 64 runs in one program per matr
 
 import pytest
 import torch
-from devices import DEVICES
+from devices import TRITON_DEVICES, needs_cuda, needs_interpreter
 from fastpred.kernels import eigh_ref, eigh_warm
 
 
@@ -44,7 +44,7 @@ def _assert_accurate(F: torch.Tensor, s: torch.Tensor, U: torch.Tensor, slack: f
     assert (ev <= 2 * ev32 + atol).all(), (ev, ev32)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize(("n", "B"), [(1, 3), (7, 3), (32, 3), (64, 1), (100, 1)])
 def test_cold_start(device, n, B):
     F = _wishart(B, n, 2 * n + 3, device, seed=n)
@@ -54,7 +54,7 @@ def test_cold_start(device, n, B):
     _assert_accurate(F, s, U)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize(("n", "B"), [(7, 3), (64, 1), (100, 1)])
 def test_warm_start_from_a_perturbed_basis_needs_few_sweeps(device, n, B):
     F = _wishart(B, n, 3 * n, device, seed=10 + n)
@@ -68,7 +68,7 @@ def test_warm_start_from_a_perturbed_basis_needs_few_sweeps(device, n, B):
     assert ((s - s_prev).abs() <= 0.05 * s_prev.abs().amax(-1, keepdim=True)).all()
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_rank_deficient(device):
     F = _wishart(2, 32, 8, device, seed=3)  # d > N: 24 zero eigenvalues
     s, U, converged = eigh_warm(F)
@@ -76,7 +76,7 @@ def test_rank_deficient(device):
     _assert_accurate(F, s, U)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_repeated_eigenvalues(device):
     spectrum = torch.tensor([3.0] * 10 + [1.0] * 12 + [0.5] * 9 + [2.0])
     F = _with_spectrum(spectrum, device, seed=4)
@@ -85,7 +85,7 @@ def test_repeated_eigenvalues(device):
     _assert_accurate(F, s, U)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_condition_number_1e7(device):
     F = _with_spectrum(torch.logspace(0, -7, 24, dtype=torch.float64), device, seed=5)
     s, U, converged = eigh_warm(F)
@@ -93,7 +93,7 @@ def test_condition_number_1e7(device):
     _assert_accurate(F, s, U)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("n", [7, 100])
 def test_zero_matrix(device, n):
     F = torch.zeros(n, n, device=device)
@@ -102,7 +102,7 @@ def test_zero_matrix(device, n):
     assert torch.equal(U, torch.eye(n, device=device))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("n", [7, 100])
 def test_sweep_cap_zero_reports_not_converged(device, n):
     F = _wishart(1, n, 2 * n, device, seed=6)[0]
@@ -115,7 +115,7 @@ def test_sweep_cap_zero_reports_not_converged(device, n):
         torch.testing.assert_close(U, torch.eye(n, device=device))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("n", [7, 100])
 def test_per_matrix_cap_and_exact_resolve(device, n):
     # The same matrix twice: one sweep is too few from cold, a cap raised on the device (the exact
@@ -127,7 +127,7 @@ def test_per_matrix_cap_and_exact_resolve(device, n):
     _assert_accurate(F[1:], s[1:], U[1:])
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_block_path_leaves_finished_matrices_alone(device):
     # n = 130: 5 blocks of 32, padded to 6. Per-matrix caps 0, 8 and 3 in one batch: the flags read by the
     # kernels must stop each matrix at its own cap, a capped-at-0 one bitwise untouched (diag(F), identity).
@@ -143,7 +143,7 @@ def test_block_path_leaves_finished_matrices_alone(device):
     torch.testing.assert_close(U[2], U2, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_non_finite_input_stops_and_reports(device):
     F = _wishart(2, 16, 40, device, seed=8)
     F[1, 3, 5] = F[1, 5, 3] = float("nan")
@@ -152,6 +152,7 @@ def test_non_finite_input_stops_and_reports(device):
     _assert_accurate(F[:1], s[:1], U[:1])
 
 
+@needs_interpreter
 def test_tf32_setting_is_restored():
     prev = torch.backends.cuda.matmul.allow_tf32
     try:
@@ -189,3 +190,28 @@ def test_bad_arguments_raise_one_line():
         with pytest.raises(ValueError, match="eigh_warm") as info:
             eigh_warm(F_, **kw)
         assert "\n" not in str(info.value)
+
+
+@needs_cuda
+def test_cuda_first_block_solve_inside_graph_capture_then_eager():
+    # The block solver keeps no device state between calls (its pairs are computed in the kernels): a first solve
+    # at a size captured into a CUDA graph leaves nothing in the graph's pool that an eager call before the first
+    # replay could read unwritten.
+    warm = _wishart(1, 160, 320, "cuda", seed=20)  # compiles the block kernels at another size (6 blocks)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        eigh_warm(warm)
+    torch.cuda.current_stream().wait_stream(side)
+    F = _wishart(2, 96, 200, "cuda", seed=21)  # 3 blocks padded to 4: first seen during capture
+    static_F = F.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        s_g, U_g, conv_g = eigh_warm(static_F)
+    s, U, conv = eigh_warm(F)  # eager, before any replay
+    assert conv.all()
+    _assert_accurate(F, s, U)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert conv_g.all()
+    _assert_accurate(F, s_g, U_g)

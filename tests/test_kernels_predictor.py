@@ -3,7 +3,7 @@ against float64 evaluations of the contract, plus the keep-the-previous-W guards
 
 import pytest
 import torch
-from devices import DEVICES
+from devices import DEVICES, TRITON_DEVICES
 from fastpred.kernels import (
     largest_eigenvalue,
     largest_eigenvalue_ref,
@@ -36,7 +36,7 @@ def _rel(W: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (W.double().cpu() - ref.double().cpu()).norm(dim=(-2, -1)) / ref.double().cpu().norm(dim=(-2, -1))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 0.3])
 @pytest.mark.parametrize(("n", "B"), [(1, 3), (7, 3), (64, 1), (100, 3)])
 def test_matches_the_contract(device, alpha, n, B):
@@ -52,7 +52,7 @@ def test_matches_the_contract(device, alpha, n, B):
         assert torch.equal(W, W.transpose(-1, -2))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_floor_binds(device):
     s, U = _eig32(_wishart(1, 16, 4, device, seed=1))  # 12 zero eigenvalues
     W, ok = predictor_from_eigh(s[0], U[0], 2.0, 0.0, floor=0.05)
@@ -60,7 +60,7 @@ def test_floor_binds(device):
     torch.testing.assert_close(W.double(), _contract_W(s[0], U[0], 2.0, 0.0, floor=0.05), rtol=2e-6, atol=2e-6)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_bad_matrices_keep_the_previous_W(device):
     s, U = _eig32(_wishart(4, 70, 100, device, seed=2))  # two row chunks of U per matrix
     s[1] = -s[1]  # max(s) <= 0
@@ -79,7 +79,7 @@ def test_bad_matrices_keep_the_previous_W(device):
     assert torch.equal(W2[2], torch.eye(70, device=device))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_unbatched_and_out_is_written_in_place(device):
     s, U = _eig32(_wishart(1, 9, 20, device, seed=3))
     out = torch.zeros(9, 9, device=device)

@@ -48,3 +48,48 @@ def test_wheel_holds_fastpred_kernels_and_no_top_level_kernels(tmp_path):
     )
     location = Path(_run_python(PROBE, cwd=tmp_path, extra_path=str(target)))
     assert location == target / "fastpred" / "kernels" / "__init__.py"
+
+
+def test_kernels_are_the_bottom_layer():
+    # fastpred.kernels imports torch, triton and itself only; fastpred's torch code takes shared helpers from it.
+    import ast
+
+    for path in sorted((REPO / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith("fastpred") or name.startswith("fastpred.kernels"), (path.name, name)
+
+
+WITHOUT_TRITON = """
+import importlib.abc, sys
+
+class NoTriton(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NoTriton())
+import torch
+import fastpred
+from fastpred import DirectPredictor
+from fastpred.numerics import full_fp32_matmul
+pred = DirectPredictor(8)
+pred(torch.randn(16, 8))
+assert int(pred.num_folds) == 1 and "triton" not in sys.modules
+try:
+    from fastpred.kernels import corr_ema
+except ModuleNotFoundError as e:
+    print("kernels need", e.name)
+"""
+
+
+def test_import_fastpred_needs_torch_only():
+    # DESIGN.md, packaging: the drop-in predictor (torch backend) works where triton is missing; the kernels load
+    # on first use, so importing fastpred (which takes torch-only helpers from fastpred.kernels) imports no triton.
+    assert _run_python(WITHOUT_TRITON, cwd=REPO) == "kernels need triton"
