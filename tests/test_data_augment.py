@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from devices import needs_cuda, needs_interpreter, run_without_interpreter
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms.v2 import functional as TF
 
 from fastpred.data.augment import (
@@ -11,7 +13,9 @@ from fastpred.data.augment import (
     blur_kernel_size,
     byol_augment_fused,
     byol_augment_ref,
+    gaussian_blur_ref,
     sample_params,
+    solarize_normalize_ref,
 )
 
 JITTER_OPS = (
@@ -46,7 +50,7 @@ def images(n, h, w, channels_last, seed=0):
     return x.permute(0, 3, 1, 2) if channels_last else x.permute(0, 3, 1, 2).contiguous()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_interpreter)])
 @pytest.mark.parametrize("n,h,w,channels_last", [(1, 16, 16, False), (7, 17, 23, True), (12, 32, 32, True)])
 def test_matches_torchvision_per_sample(backend, n, h, w, channels_last):
     x = images(n, h, w, channels_last, seed=n)
@@ -61,6 +65,7 @@ def test_matches_torchvision_per_sample(backend, n, h, w, channels_last):
     torch.testing.assert_close(out, expected, atol=3e-5, rtol=1e-5)
 
 
+@needs_interpreter
 def test_every_op_order_and_flag_combination():
     n = 48
     x = images(n, 12, 12, True, seed=3)
@@ -93,14 +98,14 @@ def test_byol_module_is_asymmetric_and_runs():
     assert y1.shape == y2.shape == (4, 3, 24, 24) and torch.isfinite(y1).all() and torch.isfinite(y2).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda
 def test_cuda_kernel_matches_reference():
     x = images(64, 224, 224, True).cuda()
     p = sample_params(64, p_blur=0.5, p_solarize=0.5, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     torch.testing.assert_close(byol_augment_fused(x, p), byol_augment_ref(x, p), atol=3e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda
 def test_cuda_augmentation_never_waits_on_the_host():
     aug = BYOLAugment().cuda()
     x = images(32, 64, 64, True).cuda()
@@ -112,3 +117,54 @@ def test_cuda_augmentation_never_waits_on_the_host():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(y1).all() and torch.isfinite(y2).all()
+
+
+class _HostData(TorchDispatchMode):
+    """Records ops that make a tensor from Python data (`aten.lift_fresh`): on CUDA, a blocking host-to-device copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "lift_fresh" in str(func):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_blur_pass_makes_no_tensor_from_host_data():
+    # The fused path's second pass (blur, solarize, normalise) runs every step on CUDA: a tensor built from the
+    # mean/std tuples there would wait on the host (the CUDA test above shows it under sync debug mode "error").
+    x = images(3, 16, 16, True).float() / 255.0
+    p = sample_params(3, p_solarize=0.5, generator=torch.Generator().manual_seed(1))
+    with _HostData() as seen:
+        y = solarize_normalize_ref(gaussian_blur_ref(x, p["sigma"], 5), p["solarize"], IMAGENET_MEAN, IMAGENET_STD)
+    assert seen.ops == []
+    expected = torch.stack([torchvision_one_finish(x[i], p, i) for i in range(3)])
+    torch.testing.assert_close(y, expected, atol=3e-5, rtol=1e-5)
+
+
+def torchvision_one_finish(img: torch.Tensor, p: dict, i: int) -> torch.Tensor:
+    s = float(p["sigma"][i])
+    img = TF.gaussian_blur(img, [5, 5], [s, s])
+    if p["solarize"][i]:
+        img = TF.solarize(img, 0.5)
+    return TF.normalize(img, IMAGENET_MEAN, IMAGENET_STD)
+
+
+TRITON_REFUSED_WITHOUT_INTERPRETER = """
+import torch
+from fastpred.data.augment import ColorAugment
+x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+try:
+    ColorAugment(backend="triton")(x)
+    raise SystemExit("backend='triton' ran on CPU tensors without the interpreter")
+except ValueError as e:
+    assert "TRITON_INTERPRET=1" in str(e) and "\\n" not in str(e), e
+print(tuple(ColorAugment()(x).shape))  # "auto" is torch on the CPU
+"""
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter():
+    # One policy for every kernel of fastpred: nothing switches TRITON_INTERPRET; without it, one ValueError line.
+    assert run_without_interpreter(TRITON_REFUSED_WITHOUT_INTERPRETER).strip() == "(2, 3, 8, 8)"

@@ -1,7 +1,7 @@
 """Triton kernel for the fused per-sample colour augmentation; launched by `fastpred.data.color_triton`.
 
-Kept in its own module because `triton.jit` picks compiled vs interpreted at decoration time: the launcher loads
-this file once normally (CUDA) and once under TRITON_INTERPRET=1 (CPU tensors: tests and the demo).
+`triton.jit` picks compiled or interpreted when this module is imported: CPU tensors run it only if
+TRITON_INTERPRET=1 was set before that (the launcher says so otherwise), as for every fastpred kernel.
 """
 
 import triton

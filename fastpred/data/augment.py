@@ -140,10 +140,10 @@ def gaussian_blur_ref(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) ->
 
 
 def solarize_normalize_ref(x: torch.Tensor, solarize: torch.Tensor, mean, std) -> torch.Tensor:
+    """Per-sample solarize, then (x - mean) / std per channel. mean and std stay Python floats: a tensor made from
+    them would be a blocking host-to-device copy on every call on CUDA."""
     x = torch.where(_col(solarize) & (x >= 0.5), 1.0 - x, x)
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s
+    return torch.stack([(x[:, c] - float(mean[c])) / float(std[c]) for c in range(3)], dim=1)
 
 
 def byol_augment_ref(
@@ -194,8 +194,9 @@ class ColorAugment(nn.Module):
     """One view's BYOL augmentation after cropping: uint8 (n, 3, H, W) -> normalised float32 (n, 3, H, W).
 
     Every probability and range is a public attribute; parameters are drawn per sample on the input's device.
-    backend: 'torch' (reference, any device), 'triton' (fused colour kernel; CUDA, or CPU under
-    TRITON_INTERPRET=1), or 'auto' (triton on CUDA, torch elsewhere).
+    backend: 'torch' (reference, any device), 'triton' (fused colour kernel; CUDA, or CPU tensors when
+    TRITON_INTERPRET=1 was set before triton was imported, a ValueError otherwise), or 'auto' (triton on CUDA,
+    torch elsewhere).
     """
 
     def __init__(
