@@ -18,7 +18,8 @@ HAS_CUDA = torch.cuda.is_available()
 INTERPRETED = interpreted()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 needs_interpreter = pytest.mark.skipif(
-    not INTERPRETED, reason="Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set by conftest.py without a GPU)"
+    not INTERPRETED,
+    reason="Triton kernels on CPU tensors need TRITON_INTERPRET=1 (conftest.py sets it where there is no GPU)",
 )
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
