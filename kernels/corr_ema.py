@@ -62,8 +62,10 @@ def _gram_tile(
         else:
             # bf16/fp16 products are exact in fp32, but tensor cores do not round their accumulation like IEEE
             # fp32 (an emulation: relative error of z^T z 4e-5 to 2e-4 at N = 16384, growing with N, against
-            # 9e-7 in IEEE fp32). So each BLOCK_N chunk is reduced from zero and added in IEEE fp32 here.
-            acc += tl.dot(tl.trans(zm), zn, out_dtype=tl.float32)
+            # 9e-7 in IEEE fp32). So each BLOCK_N chunk is reduced from zero and added in IEEE fp32 here. Not
+            # `acc += tl.dot(...)`: Triton folds that add back into the dot's accumulator (3.6 and 3.8 alike);
+            # an fma by 1 is not folded (tests/test_kernels_compile_sm90.py checks the dot starts from zero).
+            acc = tl.fma(tl.dot(tl.trans(zm), zn, out_dtype=tl.float32), 1.0, acc)
         if HAS_MEAN:
             col_sum += tl.sum(zn.to(tl.float32), axis=0)
     return acc, col_sum

@@ -25,11 +25,14 @@ import fastpred.data._color_kernel as color
 eigh, corr, pred = (importlib.import_module("fastpred.kernels." + m) for m in ("eigh", "corr_ema", "predictor"))
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
-def spills(fn, types, constexprs, num_warps):
+def compile90(fn, types, constexprs, num_warps):
     params = list(inspect.signature(fn.fn).parameters)
     sig = {p: "constexpr" if p in constexprs else types.get(p, "i32") for p in params}
     src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in constexprs.items()})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm
+
+def spills(fn, types, constexprs, num_warps):
+    ptx = compile90(fn, types, constexprs, num_warps)["ptx"]
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     out = subprocess.run([PTXAS, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull], capture_output=True, text=True)
@@ -68,7 +71,13 @@ report = {
                              h_ptr=f32, order_ptr="*i32", flags_ptr="*i32", **dict.fromkeys(
                              ["mean0", "mean1", "mean2", "std0", "std1", "std2"], "fp32")), dict(BLOCK=1024), 4),
 }
-print(json.dumps({"triton": triton.__version__, "spills": report}))
+# corr_ema's half-precision path must start each chunk's tensor-core dot from zero (its accumulator operand a
+# constant 0) and add it to the running sum in fp32: Triton folds a plain `acc += dot` into the dot's accumulator.
+ttir = compile90(corr._corr_ema_kernel, dict(ema, z_ptr="*bf16"), dict(BLOCK=64, BLOCK_N=32, FP32_DOT=False, **flags),
+                 4)["ttir"]
+dots = re.findall(r"tt\.dot %[\w.]+, %[\w.]+, (%[\w.]+)", ttir)
+from_zero = [bool(re.search(rf"^\s*{re.escape(a)} = arith\.constant dense<0\.0+e\+00>", ttir, re.M)) for a in dots]
+print(json.dumps({"triton": triton.__version__, "spills": report, "half dots from zero": from_zero}))
 '''
 
 
@@ -99,3 +108,4 @@ def test_kernels_compile_for_sm90_within_register_budget():
     allowed = budget(report["triton"])
     over = {name: size for name, size in report["spills"].items() if size > allowed.get(name, 0)}
     assert not over, (report["triton"], over, report["spills"])
+    assert report["half dots from zero"] == [True], report["half dots from zero"]
