@@ -23,9 +23,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(given: dict) -> int:
-    import torch.distributed as dist
-
-    from fastpred.train.loop import Stopped, Trainer, setup_distributed
+    from fastpred.train import distributed
+    from fastpred.train.loop import Stopped, Trainer
 
     if "resume" in given:
         run_path = given["resume"]
@@ -33,7 +32,7 @@ def _run(given: dict) -> int:
         cfg = train_config.resumed(saved, given)
     else:
         cfg = train_config.resolve(given)
-    rank, world_size, device = setup_distributed(cfg)
+    rank, world_size, device = distributed.setup(cfg.device)
     try:
         if cfg.resume:
             run = RunDir.open(cfg.resume, writer=rank == 0)
@@ -56,8 +55,7 @@ def _run(given: dict) -> int:
             _print_summary(summary)
         return 0
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.teardown()
 
 
 def _print_summary(s: dict) -> None:

@@ -17,6 +17,7 @@ import torch
 
 from fastpred.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from fastpred.data.errors import DataError
+from fastpred.train.distributed import barrier
 
 #: Every HELD_OUT_EVERY-th image of a training file is held out for the probes when no --val is given.
 HELD_OUT_EVERY = 10
@@ -40,15 +41,8 @@ def digits_betons(rank: int = 0) -> tuple[Path, Path]:
             if not path.exists():  # written to a temporary file and renamed: a present file is complete
                 print(f"writing the embedded digits ({split}) to {path}", flush=True)
                 write_beton(digits(split), path, compress_probability=0.0, workers=1)
-    _barrier()
+    barrier()
     return paths
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -23,6 +22,7 @@ from torch import nn
 
 from fastpred.data.augment import BYOLAugment
 from fastpred.train import data as train_data
+from fastpred.train import distributed
 from fastpred.train.config import Config
 from fastpred.train.models import build_backbone, build_predictor, build_projector
 from fastpred.train.optim import build_optimizer, ema_update_, lr_at, param_groups, target_momentum_at
@@ -101,7 +101,7 @@ class Trainer:
         self.probe = OnlineProbe(feat_dim, self._num_classes(), lr=cfg.probe_lr, device=device)
         if world_size > 1:
             for p in self.probe.parameters():  # every rank's probe takes the same averaged step
-                p.register_hook(_all_reduce_mean)
+                p.register_hook(distributed.all_reduce_mean)
 
         base_lr = cfg.lr * (self.global_batch / 256 if cfg.lr_scaling == "linear" else 1.0)
         self.base_lr = base_lr
@@ -207,7 +207,8 @@ class Trainer:
                 self.train_step(x1, x2, y)
                 self.images_seen += self.global_batch
                 stop_here = self.stop_signal is not None and self.world_size == 1
-                if self.step % cfg.log_every == 0 or stop_here or self._done():
+                epoch_end = self.batch_in_epoch == self.steps_per_epoch
+                if self.step % cfg.log_every == 0 or epoch_end or stop_here or self._done():
                     values = self._read_accumulators()  # waits for the device: the interval's time is exact
                     self.train_time += time.perf_counter() - t0
                     t0 = time.perf_counter()
@@ -304,7 +305,7 @@ class Trainer:
             (xt, yt), (xv, yv) = self._features(self.online.backbone)
             knn = knn_accuracy(xt.to(self.device), yt.to(self.device), xv.to(self.device), yv.to(self.device),
                                k=self.cfg.knn_k)
-        _barrier()
+        distributed.barrier()
         return knn
 
     # --- stop, resume, finish -----------------------------------------------------------------------------
@@ -370,7 +371,7 @@ class Trainer:
             self.run.save_checkpoint(self.state_dict())
             if self.spectrum.every:
                 self.spectrum.save(self.run.path / "spectrum.npz")
-        _barrier()
+        distributed.barrier()
 
     def _finish(self, wall: float) -> dict:
         cfg = self.cfg
@@ -390,7 +391,7 @@ class Trainer:
                 summary["linear_probe_acc"] = self._linear_probe(trained)
                 random_init = backbone_at_init(cfg).to(self.device)
                 summary["linear_probe_acc_random_init"] = self._linear_probe(self._features(random_init))
-        _barrier()
+        distributed.barrier()
         self.run.write_summary(summary)
         return summary
 
@@ -424,29 +425,3 @@ class Stopped(Exception):
     def __init__(self, code: int):
         super().__init__(code)
         self.code = code
-
-
-def _all_reduce_mean(grad: torch.Tensor) -> torch.Tensor:
-    grad = grad.clone()
-    dist.all_reduce(grad)
-    return grad / dist.get_world_size()
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Under torchrun: NCCL on CUDA, gloo on the CPU, one GPU per process."""
-    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda but no CUDA device is visible")
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if want_cuda else "cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if want_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if want_cuda else "gloo")
-    device = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device

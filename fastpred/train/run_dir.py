@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from fastpred.train.distributed import barrier
+
 CHECKPOINT_FORMAT = "fastpred-checkpoint-1"
 RUN_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl")
 
@@ -71,6 +73,7 @@ class RunDir:
         if holds_run(run.path):
             raise RunError(f"--out {run.path} already holds a run; resume it with --resume {run.path} "
                            "or choose another folder")
+        barrier()  # every rank has looked before rank 0 writes
         if writer:
             run.path.mkdir(parents=True, exist_ok=True)
             atomic_write(run.path / "config.json", config_json.encode())
