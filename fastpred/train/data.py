@@ -94,6 +94,7 @@ class Sources:
     def __init__(self, cfg, *, rank: int, world_size: int, device: torch.device):
         self.device = device
         self._eval_args: dict = {}
+        self._eval_loaders: dict = {}
         if cfg.data == "synthetic":
             steps = cfg.synthetic_steps
             self.train_views = SyntheticViews(cfg.batch_size, cfg.resolution, steps, seed=cfg.seed, rank=rank,
@@ -142,15 +143,18 @@ class Sources:
         return self._val_path is not None
 
     def probe_train(self):
-        return self._eval(self._train_path, self._probe_train_indices)
+        return self._eval("train", self._train_path, self._probe_train_indices)
 
     def probe_val(self):
-        return self._eval(self._val_path, self._val_indices)
+        return self._eval("val", self._val_path, self._val_indices)
 
-    def _eval(self, path, indices):
-        from fastpred.data.loader import EvalLoader
+    def _eval(self, name, path, indices):
+        # Built once and iterated each epoch: every FFCV Loader compiles its pipeline anew (seconds).
+        if name not in self._eval_loaders:
+            from fastpred.data.loader import EvalLoader
 
-        return EvalLoader(path, indices=indices, **self._eval_args)
+            self._eval_loaders[name] = EvalLoader(path, indices=indices, **self._eval_args)
+        return self._eval_loaders[name]
 
 
 def label_count(path: str | os.PathLike, label_field: str = "label") -> int:

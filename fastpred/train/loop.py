@@ -140,14 +140,19 @@ class Trainer:
     # --- the step ------------------------------------------------------------------------------------------
     def train_step(self, x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor) -> None:
         cfg = self.cfg
-        for group in self.optimizer.param_groups:  # host floats: setting them is not a sync
-            group["lr"] = lr_at(self.step, total_steps=self.total_steps, warmup_steps=self._warmup_steps(),
-                                base_lr=self.base_lr, schedule=cfg.schedule)
         # Augmentation parameters from a generator seeded per step: a resumed run draws the same ones.
         g = torch.Generator(self.device)
         g.manual_seed(hash((cfg.seed, self.rank, self.step)) & 0x7FFF_FFFF_FFFF_FFFF)
         v1 = self.augment.view1(x1, self.augment.view1.sample(len(x1), self.device, generator=g))
         v2 = self.augment.view2(x2, self.augment.view2.sample(len(x2), self.device, generator=g))
+        self.optimize(v1, v2, y)
+
+    def optimize(self, v1: torch.Tensor, v2: torch.Tensor, y: torch.Tensor) -> None:
+        """The step on augmented views v1, v2 (B, 3, H, W) float and labels y (B,): what bench/ times."""
+        cfg = self.cfg
+        for group in self.optimizer.param_groups:  # host floats: setting them is not a sync
+            group["lr"] = lr_at(self.step, total_steps=self.total_steps, warmup_steps=self._warmup_steps(),
+                                base_lr=self.base_lr, schedule=cfg.schedule)
         x = torch.cat([v1, v2])  # both views through the network in one call, as DirectPred's statistics expect
         if self.cuda and cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
