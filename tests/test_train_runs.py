@@ -120,3 +120,22 @@ def test_torchrun_two_processes_gloo(tmp_path, cache):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["images_per_sec"] > 0 and summary["knn_acc"] > 0.1
     assert done.stdout.count("run folder") == 1  # only rank 0 speaks
+
+
+def test_plot_renders_every_figure_from_real_runs(tmp_path):
+    """python -m fastpred.plot on two short trainer runs (DirectPred and a linear head): every figure, non-empty."""
+    from fastpred.plot import main as plot_main
+
+    runs = []
+    for predictor in ("directpred", "linear"):
+        run = tmp_path / predictor
+        argv = [*TINY, "--data", "synthetic", "--synthetic-steps", "3", "--epochs", "2", "--predictor", predictor,
+                "--spectrum-every", "1", "--out", str(run)]
+        assert main(argv) == 0
+        runs.append(str(run))
+    out = tmp_path / "figures"
+    assert plot_main([*runs, "--out", str(out)]) == 0
+    expected = {f"{n}-{kind}.png" for n in ("directpred", "linear") for kind in ("overview", "spectrum")}
+    expected |= {"compare-overview.png", "compare-spectrum.png"}
+    written = {p.name: p.stat().st_size for p in out.iterdir()}
+    assert expected <= set(written) and all(written[name] > 10_000 for name in expected)
