@@ -139,3 +139,27 @@ def test_plot_renders_every_figure_from_real_runs(tmp_path):
     expected |= {"compare-overview.png", "compare-spectrum.png"}
     written = {p.name: p.stat().st_size for p in out.iterdir()}
     assert expected <= set(written) and all(written[name] > 10_000 for name in expected)
+
+
+def test_checkpoint_backbone_loads_into_torchvision(tmp_path):
+    """The documented recipe: a resnet18_small run's backbone loads into torchvision's resnet18 with fc = Identity
+    and the small-image stem, and computes the same features."""
+    import torchvision
+    from torch import nn
+
+    run = tmp_path / "run"
+    argv = [*TINY, "--data", "synthetic", "--synthetic-steps", "2", "--epochs", "1", "--backbone", "resnet18_small",
+            "--batch-size", "4", "--out", str(run)]
+    assert main(argv) == 0
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    model = torchvision.models.resnet18()
+    model.fc = nn.Identity()
+    model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    model.load_state_dict(state["backbone"])  # strict: every key, no prefix
+    from fastpred.train.models import build_backbone
+
+    ours = build_backbone("resnet18_small")[0]
+    ours.load_state_dict(state["backbone"])
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(model.eval()(x), ours.eval()(x), rtol=0, atol=0)

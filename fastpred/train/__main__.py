@@ -7,6 +7,7 @@ held-out linear-probe accuracy of the trained backbone and of the same backbone 
 from __future__ import annotations
 
 import sys
+import warnings
 
 from fastpred.data.errors import DataError
 from fastpred.train import config as train_config
@@ -73,4 +74,6 @@ def _fmt(x) -> str:
 
 
 if __name__ == "__main__":
+    # Warnings (a skipped batch, a collapse alarm) read as one line in the log, not as a source listing.
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     sys.exit(main())
