@@ -216,22 +216,20 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or epoch_end or stop_here or self._done():
                     values = self._read_accumulators()  # waits for the device: the interval's time is exact
                     self.train_time += time.perf_counter() - t0
-                    t0 = time.perf_counter()
                     record = self._interval_record(values)
                     interval = self.train_time - last_log_time
                     record["images_per_sec"] = (self.images_seen - last_log_images) / max(interval, 1e-9)
                     last_log_images, last_log_time = self.images_seen, self.train_time
                     self._log(record, bar)
-                    if record.pop("stop_requested") or stop_here:
+                    stop_here = record.pop("stop_requested") or stop_here
+                    if epoch_end:  # the epoch's evaluation and checkpoint, before any stop: resumes start clean
+                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                        self._end_of_epoch(bar)
+                    if stop_here:
                         return self._stop(bar)
+                    t0 = time.perf_counter()  # evaluation and checkpoints are not training time
                 if self._done():
                     break
-            else:
-                self.train_time += time.perf_counter() - t0
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                self._end_of_epoch(bar)
-                continue
-            break
         if bar is not None:
             bar.close()
         self._save_checkpoint()
