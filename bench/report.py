@@ -2,6 +2,7 @@
 
     pytest bench/ --benchmark-json=.benchmarks/cpu.json
     python -m bench.report .benchmarks/cpu.json [.benchmarks/gpu.json ...] --note "what else ran" > bench/RESULTS.md
+    python -m bench.report --sections-only .benchmarks/train-step.json >> bench/RESULTS.md  # add a suite's run
 
 With no file, the newest JSON under .benchmarks/ is used (where --benchmark-autosave writes). One section per
 file. Predictor benchmarks (those whose extra_info names a provider, a case and a baseline) get side-by-side
@@ -21,6 +22,20 @@ TITLES = {
     "test_corr_ema": "Correlation EMA update: F <- rho F + (1 - rho) z^T z / N",
     "test_predictor_from_F": "Eigensolve + construction of W from F (realistic stream)",
     "test_predictor_step": "Whole predictor step: z @ W, fold, eigensolve, W",
+    "test_train_step": "Training step (BYOL, `--data synthetic`): the trainer against the same model stepped by hand",
+}
+
+# Suites whose providers the preamble does not describe say what they are under their own title.
+DESCRIPTIONS = {
+    "test_train_step": (
+        "Same resolved Config, model built by `Trainer`, seeded float views, for every provider of a case. "
+        "`trainer`: `Trainer.optimize(v1, v2, y)` with DirectPred (lr, one forward of both views, loss, backward, "
+        "optimizer, target EMA, online probe, device-side metrics, spectrum recorder). `bare`: the same modules "
+        "stepped by a minimal hand-written loop (forward of cat(v1, v2), loss, zero_grad, backward, step, one "
+        "foreach EMA). `reference`: the official loop (a forward per view, fp32, W from per-sample outer products "
+        "and eigh every step, per-parameter EMA). `linear`: `Trainer.optimize` with a trained linear predictor. "
+        "FLOP/s counts 4x the forward flops of backbone + projector; GB/s counts parameters and views only.",
+    ),
 }
 
 
@@ -219,6 +234,8 @@ def goal_lines(benches: list[dict], device_type: str, stat: str) -> list[str]:
         return "met" if r >= 1 else "within 3% (noise)" if r >= 0.97 else "missed"
 
     step, corr = "test_predictor_step", "test_corr_ema"
+    if not any(group_of(b) in (step, corr) for b in benches):  # a file of other suites only
+        return []
     cases = list(
         dict.fromkeys(
             b["extra_info"]["case"] for b in benches if group_of(b) == step and "case" in b.get("extra_info", {})
@@ -293,6 +310,50 @@ def goal_lines(benches: list[dict], device_type: str, stat: str) -> list[str]:
     return ["### Goals of issue 4 on these numbers", "", *table(["goal", "case", "measured", "verdict"], rows)]
 
 
+def train_step_goal_lines(benches: list[dict], device_type: str, stat: str) -> list[str]:
+    """The training-step goals: the trainer's overhead over a bare step (CPU, <= 3%) and DirectPred's cost over
+    a linear predictor (GPU, ResNet-50 at batch 256, <= 1%); the official loop's time for scale."""
+    group = "test_train_step"
+    cases = list(dict.fromkeys(b["extra_info"]["case"] for b in benches if group_of(b) == group))
+    rows = []
+
+    def pct_row(goal, case, slow, fast, limit):
+        ts, tf = _time(benches, group, case, slow, stat), _time(benches, group, case, fast, stat)
+        if ts is None or tf is None:
+            rows.append([goal, case, "not measured", ""])
+            return
+        over = ts / tf - 1
+        verdict = "" if limit is None else "met" if over <= limit else "missed"
+        rows.append([goal, case, f"{slow} {100 * over:+.1f}% against {fast}", verdict])
+
+    for case in cases:
+        pct_row(
+            "trainer within 3% of a bare step" + (" (CPU goal)" if device_type == "cuda" else ""),
+            case,
+            "trainer",
+            "bare",
+            0.03 if device_type == "cpu" else None,
+        )
+        pct_row(
+            "DirectPred within 1% of a linear predictor"
+            + ("" if case == "imagenet-B256" else " (goal: ResNet-50, B256, GPU)"),
+            case,
+            "trainer",
+            "linear",
+            0.01 if device_type == "cuda" and case == "imagenet-B256" else None,
+        )
+        ts, tf = _time(benches, group, case, "reference", stat), _time(benches, group, case, "trainer", stat)
+        if ts is not None and tf is not None:
+            rows.append(["official loop against the trainer", case, f"trainer {fmt_ratio(ts / tf)} than reference", ""])
+    if not rows:
+        return []
+    return [
+        "### Goals of the training-step suite on these numbers",
+        "",
+        *table(["goal", "case", "measured", "verdict"], rows),
+    ]
+
+
 def render(path: Path, stat: str, note: str | None) -> list[str]:
     data = json.loads(path.read_text())
     benches = data["benchmarks"]
@@ -300,11 +361,13 @@ def render(path: Path, stat: str, note: str | None) -> list[str]:
     m = data["machine_info"]
     out = [f"## {m.get('bench_device', '?')}: {data.get('datetime', '?')[:10]}", "", *machine_lines(data, path, note)]
     out += goal_lines(benches, device_type, stat)
+    out += train_step_goal_lines(benches, device_type, stat)
     groups: dict[str, list[dict]] = defaultdict(list)
     for b in benches:
         groups[group_of(b)].append(b)
     for name, members in groups.items():
         out += [f"### {TITLES.get(name, name)}", ""]
+        out += [line for text in DESCRIPTIONS.get(name, ()) for line in (text, "")]
         if all({"provider", "case", "baseline"} <= set(b.get("extra_info", {})) for b in members):
             out += predictor_tables(members, stat)
         else:
@@ -329,12 +392,17 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         help="a line about the run (machine load, what else ran); once per file, in order",
     )
+    parser.add_argument(
+        "--sections-only",
+        action="store_true",
+        help="leave out the preamble: sections to append to an existing RESULTS.md (`>> bench/RESULTS.md`)",
+    )
     args = parser.parse_args(argv)
     paths = args.json or [newest_json()]
     for p in paths:
         if not p.is_file():
             sys.exit(f"bench.report: {p} is not a file")
-    lines = list(PREAMBLE)
+    lines = [] if args.sections_only else list(PREAMBLE)
     for i, p in enumerate(paths):
         lines += render(p, args.stat, args.note[i] if i < len(args.note) else None)
     print("\n".join(lines))
