@@ -74,7 +74,8 @@ def build_trainer(preset: str, batch: int, predictor: str, tmp_path) -> Trainer:
             "out": str(tmp_path / "run"),
         }
     )
-    run = RunDir.create(cfg.out, train_config.to_json(cfg), environment(DEVICE, 1), writer=True)
+    run = RunDir.create(cfg.out, writer=True)
+    run.start(train_config.to_json(cfg), environment(DEVICE, 1))
     return Trainer(cfg, run, rank=0, world_size=1, device=DEVICE)
 
 

@@ -47,6 +47,7 @@ def test_missing_and_corrupt_beton(capsys, tmp_path):
     bad = tmp_path / "bad.beton"
     bad.write_bytes(os.urandom(4096))
     assert "not a .beton file" in _error(capsys, ["--data", str(bad), "--out", str(tmp_path / "b")])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # a run that cannot start leaves nothing
 
 
 def test_out_holding_a_run_is_never_overwritten(capsys, tmp_path):

@@ -38,12 +38,13 @@ def _run(given: dict) -> int:
         if cfg.resume:
             run = RunDir.open(cfg.resume, writer=rank == 0)
         else:
-            out = cfg.out or str(default_folder(cfg.preset))
-            cfg.out = out
-            run = RunDir.create(out, train_config.to_json(cfg), environment(device, world_size), writer=rank == 0)
+            cfg.out = cfg.out or str(default_folder(cfg.preset))
+            run = RunDir.create(cfg.out, writer=rank == 0)
         trainer = Trainer(cfg, run, rank=rank, world_size=world_size, device=device)
         if cfg.resume:
             trainer.load_state_dict(run.load_checkpoint())
+        else:
+            run.start(train_config.to_json(cfg), environment(device, world_size))
         if rank == 0:
             print(f"run folder {run.path}; {cfg.method} + {cfg.predictor}, {cfg.backbone}, {world_size} process(es) "
                   f"on {device.type}; {trainer.steps_per_epoch} steps per epoch of {trainer.global_batch} images; "

@@ -66,7 +66,8 @@ class RunDir:
         self.writer = writer  # only rank 0 writes
 
     @classmethod
-    def create(cls, path: str | os.PathLike, config_json: str, env: dict, *, writer: bool) -> RunDir:
+    def create(cls, path: str | os.PathLike, *, writer: bool) -> RunDir:
+        """A new run's folder: refused if it holds a run. Nothing is written until `start`."""
         run = cls(path, writer=writer)
         if run.path.exists() and not run.path.is_dir():
             raise RunError(f"--out {run.path} exists and is not a folder")
@@ -74,11 +75,14 @@ class RunDir:
             raise RunError(f"--out {run.path} already holds a run; resume it with --resume {run.path} "
                            "or choose another folder")
         barrier()  # every rank has looked before rank 0 writes
-        if writer:
-            run.path.mkdir(parents=True, exist_ok=True)
-            atomic_write(run.path / "config.json", config_json.encode())
-            atomic_write(run.path / "env.json", json.dumps(env, indent=2).encode())
         return run
+
+    def start(self, config_json: str, env: dict) -> None:
+        """Write config.json and env.json (once the run has been built: a run that cannot start leaves nothing)."""
+        if self.writer:
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path / "config.json", config_json.encode())
+            atomic_write(self.path / "env.json", json.dumps(env, indent=2).encode())
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, writer: bool) -> RunDir:
