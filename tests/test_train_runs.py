@@ -1,5 +1,5 @@
 """Short real runs of the trainer: every predictor and method, exact resume after SIGTERM, same seed -> same run
-on the digits whatever the worker count, and a 2-process torchrun (gloo) run."""
+on the digits, a 2-process torchrun (gloo) run, plots and torchvision loading of real runs."""
 
 import json
 import os
@@ -91,13 +91,19 @@ def test_sigterm_then_resume_reproduces_every_step(tmp_path):
     assert a == b  # bitwise: the same floats at every step
 
 
-def test_same_seed_same_run_on_digits_whatever_the_worker_count(tmp_path, cache, monkeypatch):
+def test_same_seed_same_run_on_digits(tmp_path, cache, monkeypatch):
+    """Bitwise with one FFCV worker, which also makes torch use one thread: FFCV sets torch's thread count to its
+    worker count, and with two threads float reductions were seen to round differently (1e-7 relative). That
+    the crops themselves do not depend on the worker count is tested with the loader (test_data_loader.py)."""
     monkeypatch.setenv("FASTPRED_CACHE", cache)
+    threads = torch.get_num_threads()
     common = ["--proj-dim", "16", "--batch-size", "64", "--max-steps", "6", "--log-every", "1", "--knn-every", "0",
-              "--final-probe", "false", "--progress", "plain"]
-    assert main([*common, "--workers", "1", "--out", str(tmp_path / "a")]) == 0
-    assert main([*common, "--workers", "2", "--out", str(tmp_path / "b")]) == 0
-    assert main([*common, "--workers", "2", "--seed", "1", "--out", str(tmp_path / "c")]) == 0
+              "--final-probe", "false", "--progress", "plain", "--workers", "1"]
+    try:
+        for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+            assert main([*common, "--seed", seed, "--out", str(tmp_path / name)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     a, b, c = (_losses(tmp_path / n) for n in "abc")
     assert len(a) == 6 and a == b
     assert a != c

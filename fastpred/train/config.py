@@ -104,7 +104,8 @@ _APPLIES: dict[str, tuple[str, typing.Callable[[Config], bool]]] = {
 
 PRESETS: dict[str, dict[str, typing.Any]] = {
     # Small enough that `python -m fastpred.train` finishes in well under three minutes on a 2-core CPU. One FFCV
-    # thread: on a CPU-only machine a second one competes with torch's threads (measured 8x slower at 2 workers).
+    # thread (FFCV also sets torch's thread count to it): on a 2-core machine two were 15% faster when idle but 8x
+    # slower when other processes were busy.
     "digits": dict(
         backbone="small_cnn", proj_hidden=256, proj_dim=64, resolution=16, crop_scale=0.3, epochs=30,
         batch_size=128, optimizer="sgd", lr=0.05, weight_decay=4e-4, target_ema=0.99, pred_hidden=256,

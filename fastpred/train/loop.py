@@ -62,10 +62,11 @@ def output_std(z: torch.Tensor) -> torch.Tensor:
     return nnf.normalize(z.float(), dim=1).std(dim=0).mean() * math.sqrt(z.shape[1])
 
 
-def backbone_at_init(cfg: Config) -> nn.Module:
-    """The backbone exactly as a run with this seed starts (the random-init baseline of the final probe)."""
+def backbone_at_init(cfg: Config) -> tuple[nn.Module, int]:
+    """The backbone exactly as a run with this seed starts (the random-init baseline of the final probe), and
+    its feature width."""
     torch.manual_seed(cfg.seed)
-    return build_backbone(cfg.backbone)[0]
+    return build_backbone(cfg.backbone)
 
 
 class Trainer:
@@ -77,8 +78,7 @@ class Trainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.global_batch = cfg.batch_size * world_size
 
-        backbone = backbone_at_init(cfg)
-        feat_dim = build_backbone(cfg.backbone)[1]
+        backbone, feat_dim = backbone_at_init(cfg)
         torch.manual_seed(cfg.seed + 1)
         projector = build_projector(feat_dim, cfg.proj_hidden, cfg.proj_dim)
         predictor = build_predictor(
@@ -108,6 +108,7 @@ class Trainer:
         groups = param_groups([self.online], cfg.weight_decay, exclude_bias_and_norm=cfg.exclude_bias_norm)
         self.optimizer = build_optimizer(cfg.optimizer, groups, lr=base_lr, momentum=cfg.momentum)
         self.augment = BYOLAugment()
+        self._augment_rng = torch.Generator(device)  # re-seeded every step (host-side: no synchronisation)
         self.spectrum = SpectrumRecorder(cfg.proj_dim, every=cfg.spectrum_every if rank == 0 else 0)
 
         self.model = self.online
@@ -121,7 +122,8 @@ class Trainer:
             self.online.backbone.compile()
             self.online.projector.compile()
             if self.target is not None:
-                self.target.compile()
+                self.target.backbone.compile()
+                self.target.projector.compile()
 
         self.step = self.epoch = self.batch_in_epoch = 0
         self.train_time = 0.0  # seconds in training steps (evaluation and checkpoints excluded)
@@ -141,7 +143,7 @@ class Trainer:
     def train_step(self, x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor) -> None:
         cfg = self.cfg
         # Augmentation parameters from a generator seeded per step: a resumed run draws the same ones.
-        g = torch.Generator(self.device)
+        g = self._augment_rng
         g.manual_seed(hash((cfg.seed, self.rank, self.step)) & 0x7FFF_FFFF_FFFF_FFFF)
         v1 = self.augment.view1(x1, self.augment.view1.sample(len(x1), self.device, generator=g))
         v2 = self.augment.view2(x2, self.augment.view2.sample(len(x2), self.device, generator=g))
@@ -392,7 +394,7 @@ class Trainer:
                                               k=cfg.knn_k)
             if cfg.final_probe:
                 summary["linear_probe_acc"] = self._linear_probe(trained)
-                random_init = backbone_at_init(cfg).to(self.device)
+                random_init = backbone_at_init(cfg)[0].to(self.device)
                 summary["linear_probe_acc_random_init"] = self._linear_probe(self._features(random_init))
         distributed.barrier()
         self.run.write_summary(summary)
