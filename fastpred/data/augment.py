@@ -139,11 +139,15 @@ def gaussian_blur_ref(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) ->
     return y.view(n, ch, hgt, wid)
 
 
-def solarize_normalize_ref(x: torch.Tensor, solarize: torch.Tensor, mean, std) -> torch.Tensor:
-    """Per-sample solarize, then (x - mean) / std per channel. mean and std stay Python floats: a tensor made from
+def normalize_ref(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """(x - mean) / std per channel of float (n, 3, H, W). mean and std stay Python floats: a tensor made from
     them would be a blocking host-to-device copy on every call on CUDA."""
-    x = torch.where(_col(solarize) & (x >= 0.5), 1.0 - x, x)
     return torch.stack([(x[:, c] - float(mean[c])) / float(std[c]) for c in range(3)], dim=1)
+
+
+def solarize_normalize_ref(x: torch.Tensor, solarize: torch.Tensor, mean, std) -> torch.Tensor:
+    """Per-sample solarize, then `normalize_ref`."""
+    return normalize_ref(torch.where(_col(solarize) & (x >= 0.5), 1.0 - x, x), mean, std)
 
 
 def byol_augment_ref(

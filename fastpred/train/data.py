@@ -15,13 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastpred.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from fastpred.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize_ref
 from fastpred.data.errors import DataError
 from fastpred.train.distributed import barrier
 
 #: Every HELD_OUT_EVERY-th image of a training file is held out for the probes when no --val is given.
 HELD_OUT_EVERY = 10
 SYNTHETIC_CLASSES = 10
+_MEAN_255 = tuple(255 * m for m in IMAGENET_MEAN)  # the training views' normalisation, on uint8 values
+_STD_255 = tuple(255 * s for s in IMAGENET_STD)
 
 
 def cache_dir() -> Path:
@@ -47,9 +49,7 @@ def digits_betons(rank: int = 0) -> tuple[Path, Path]:
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float32 normalised like the training views (the probes' preprocessing)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255
-    return (x.float() - mean) / std
+    return normalize_ref(x.float(), _MEAN_255, _STD_255)
 
 
 class SyntheticViews:

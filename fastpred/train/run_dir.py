@@ -25,7 +25,9 @@ import platform
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -47,17 +49,27 @@ def holds_run(path: Path) -> bool:
     return any((path / name).exists() for name in RUN_FILES)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers see the old or the new file."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file to write `path` through: a temporary file in the same folder, synced and renamed over
+    `path` once the block succeeds (readers see the old or the new file, never half of one), removed if not."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 class RunDir:
@@ -121,15 +133,8 @@ class RunDir:
     # --- checkpoints
     def save_checkpoint(self, state: dict) -> None:
         if self.writer:
-            fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".checkpoint.pt.", suffix=".tmp")
-            os.close(fd)
-            try:
-                torch.save(state, tmp)
-                os.replace(tmp, self.path / "checkpoint.pt")
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
+            with atomic_file(self.path / "checkpoint.pt") as f:
+                torch.save(state, f)
 
     def load_checkpoint(self) -> dict:
         path = self.path / "checkpoint.pt"

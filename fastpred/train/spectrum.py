@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from fastpred.direct import DirectPredictor
+from fastpred.train.run_dir import atomic_file
 from fastpred.trained import LinearPredictor, OffDiagonalPredictor
 
 #: Arrays of `spectrum.npz`, one row per record step; those that are not defined for a run are left out.
@@ -118,17 +118,8 @@ class SpectrumRecorder:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the records to ``path`` (a compressed .npz) atomically: a temporary file, then os.replace."""
         path = Path(path)
-        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as f:
-                np.savez_compressed(f, **self.arrays())  # a file object: numpy adds no ".npz" of its own
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temp, path)
-        except BaseException:
-            if os.path.exists(temp):
-                os.remove(temp)
-            raise
+        with atomic_file(path) as f:
+            np.savez_compressed(f, **self.arrays())  # a file object: numpy adds no ".npz" of its own
         return path
 
     def state_dict(self) -> dict:
