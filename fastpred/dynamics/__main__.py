@@ -107,8 +107,9 @@ def run(args: argparse.Namespace) -> list[Path]:
         cfg = RaceConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RaceConfig)})
         results = [run_race(cfg, head) for head in HEADS]
         for r in results:
-            final = ", ".join(f"n{i + 1} v1 {a[0]:.2f} v2 {a[1]:.2f}" for i, a in enumerate(r.alignment[-1]))
-            print(f"race {r.head}: {final}")
+            c = r.outcome()
+            print(f"race {r.head}: {c['runs_with_v2']} of {c['runs']} runs with a neuron on v2; of "
+                  f"{c['neurons']} neurons {c['on_v1']} on v1, {c['on_v2']} on v2, {c['neither']} on neither")
         return [figures.feature_race(out / "feature_race.png", results)]
     raise ValueError(f"unknown command {args.command!r}")
 

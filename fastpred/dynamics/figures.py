@@ -230,32 +230,63 @@ def matrix_flow(path: Path, traj, cfg) -> Path:
 
 
 def feature_race(path: Path, results: Sequence) -> Path:
-    """Each neuron's |cos| with v1 and v2 over training, one column per head; the head's W below."""
+    """One column per head. Top: each neuron's |cos| with v1 and v2 over training in one run; middle: that
+    run's head entries; bottom: where every neuron of every run ended, with the counts."""
     plt = _plt()
-    fig, axes = plt.subplots(2, len(results), figsize=(4.3 * len(results), 6.4), squeeze=False)
+    from fastpred.dynamics.race import LEARNED
+
+    by_head = {r.head: r for r in results}
+    run = _run_to_show(by_head)
+    fig, axes = plt.subplots(3, len(results), figsize=(4.6 * len(results), 10.5), squeeze=False)
     titles = {"none": "no head", "offdiag": "identity head, trainable off-diagonals", "direct": "DirectPred head"}
     for col, r in enumerate(results):
-        ax = axes[0, col]
-        m = r.alignment.shape[1]
+        m = r.alignment.shape[2]
         colors = plt.cm.tab10(np.arange(m) % 10)
+        ax = axes[0, col]
         for i in range(m):
-            ax.plot(r.steps, r.alignment[:, i, 0], color=colors[i], lw=1.8, label=f"neuron {i + 1}: v1 (strong)")
-            ax.plot(r.steps, r.alignment[:, i, 1], color=colors[i], lw=1.8, ls="--", label=f"neuron {i + 1}: v2 (weak)")
-        ax.set(ylim=(-0.02, 1.02), xlabel="step", ylabel="|cos(w_i, v_j)|", title=titles.get(r.head, r.head))
-        ax.legend(fontsize=7, loc="center right")
+            ax.plot(r.steps, r.alignment[run, :, i, 0], color=colors[i], lw=1.8, label=f"neuron {i + 1}: v1")
+            ax.plot(r.steps, r.alignment[run, :, i, 1], color=colors[i], lw=1.8, ls="--", label=f"neuron {i + 1}: v2")
+        ax.set(ylim=(-0.02, 1.02), xlabel="step", ylabel="|cos(w_i, v_j)|",
+               title=f"{titles.get(r.head, r.head)}\nrun {run + 1} of {r.alignment.shape[0]}: solid v1 (strong), "
+                     "dashed v2 (weak)")
+        ax.legend(fontsize=6, loc="center right", ncol=2)
         ax = axes[1, col]
         if r.head_matrix is None:
             ax.text(0.5, 0.5, "no head", ha="center", va="center", transform=ax.transAxes)
             ax.set_axis_off()
-            continue
-        for a in range(m):
-            for b in range(m):
-                if a != b:
-                    ax.plot(r.steps, r.head_matrix[:, a, b], lw=1.5, label=f"W[{a + 1},{b + 1}]")
-        diag = r.head_matrix[:, np.arange(m), np.arange(m)].mean(1)
-        ax.plot(r.steps, diag, "k:", lw=1.2, label="mean diagonal")
-        ax.set(xlabel="step", ylabel="head entry", title="head W (off-diagonals; diagonal dotted)")
-        ax.legend(fontsize=7)
-    fig.suptitle("Feature race (cubic neurons, BatchNorm, stop-gradient): which neuron learns which feature", y=1.01)
+        else:
+            for j in range(m):  # column j of W feeds neuron j's prediction (z @ W): colour it as neuron j
+                for i in range(m):
+                    if i != j:
+                        ax.plot(r.steps, r.head_matrix[run, :, i, j], color=colors[j], lw=1.0,
+                                label=f"W[., {j + 1}] (into neuron {j + 1})" if i == (j + 1) % m else None)
+            diag = r.head_matrix[run][:, np.arange(m), np.arange(m)].mean(1)
+            ax.plot(r.steps, diag, "k:", lw=1.2, label="mean diagonal")
+            ax.set(xlabel="step", ylabel="head entry",
+                   title=f"run {run + 1}: head W (applied as z @ W), diagonal dotted;\n"
+                         "off-diagonals coloured by the neuron they feed")
+            ax.legend(fontsize=6, ncol=2)
+        ax = axes[2, col]
+        end = r.alignment[:, -1].reshape(-1, 2)
+        counts = r.outcome()
+        ax.scatter(end[:, 0], end[:, 1], s=18, alpha=0.6, color="tab:blue")
+        ax.axvline(LEARNED, color="0.6", lw=0.8, ls=":")
+        ax.axhline(LEARNED, color="0.6", lw=0.8, ls=":")
+        ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="final |cos(w_i, v1)|", ylabel="final |cos(w_i, v2)|",
+               title=f"all {counts['runs']} runs, {counts['neurons']} neurons: {counts['on_v1']} on v1, "
+                     f"{counts['on_v2']} on v2, {counts['neither']} neither\n"
+                     f"runs with a neuron on v2: {counts['runs_with_v2']} of {counts['runs']}")
+    fig.suptitle("Feature race (cubic neurons, BatchNorm, stop-gradient): which neuron learns which feature", y=1.0)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _run_to_show(by_head: dict) -> int:
+    """The first run in which the off-diagonal head put a neuron on v2 (its sequence is the point), else run 0."""
+    from fastpred.dynamics.race import LEARNED
+
+    r = by_head.get("offdiag")
+    if r is None:
+        return 0
+    with_v2 = np.flatnonzero((r.alignment[:, -1, :, 1] > LEARNED).any(1))
+    return int(with_v2[0]) if with_v2.size else 0
