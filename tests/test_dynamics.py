@@ -137,3 +137,4 @@ def test_cli_writes_every_figure(tmp_path, capsys):
         assert p.parent == tmp_path and p.stat().st_size > 5_000 and p.read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert all(str(p) in printed for p in written)
+    assert "race offdiag: 0 of 8 runs with a neuron on v2; of 40 neurons" in printed  # 3 steps: nothing learned yet
