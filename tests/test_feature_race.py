@@ -78,12 +78,12 @@ def test_the_weak_feature_comes_from_substitution_then_acceleration():
     none, off = race("none"), race("offdiag")
     m = off.alignment.shape[2]
     entries = np.abs(off.head_matrix - np.eye(m))  # (runs, T, m, m); column j feeds neuron j
-    on_v1_end = off.alignment[:, -1, :, 0] > LEARNED
-    weak = np.argwhere(off.alignment[:, -1, :, 1] > LEARNED)  # (run, neuron) pairs
+    on_v1_end = off.learned(0)
+    weak = np.argwhere(off.learned(1))  # (run, neuron) pairs
     assert len(weak) >= 6
     fell_back = 0
     for r, j in weak:
-        assert none.alignment[r, -1, j, 0] > LEARNED  # the head changed this neuron's fate
+        assert none.learned(0)[r, j]  # the head changed this neuron's fate
         learned = int(np.argmax(off.alignment[r, :, j, 1] > LEARNED))
         assert learned > 0 and off.alignment[r, : learned + 1, j, 0].max() < LEARNED  # it never had v1
         from_v1 = entries[r, :, on_v1_end[r], j]  # (v1 neurons, T): what v1-carrying neurons feed into j

@@ -17,6 +17,7 @@ from fastpred.dynamics.eigenmode import (
     parabola_rate_slope,
     simulate_modes,
 )
+from fastpred.dynamics.race import LEARNED
 
 STABLE, UNSTABLE = "tab:red", "tab:green"  # the paper's colours: stable red, unstable green
 DPI = 100
@@ -233,8 +234,6 @@ def feature_race(path: Path, results: Sequence) -> Path:
     """One column per head. Top: each neuron's |cos| with v1 and v2 over training in one run; middle: that
     run's head entries; bottom: where every neuron of every run ended, with the counts."""
     plt = _plt()
-    from fastpred.dynamics.race import LEARNED
-
     by_head = {r.head: r for r in results}
     run = _run_to_show(by_head)
     fig, axes = plt.subplots(3, len(results), figsize=(4.6 * len(results), 10.5), squeeze=False)
@@ -283,10 +282,8 @@ def feature_race(path: Path, results: Sequence) -> Path:
 
 def _run_to_show(by_head: dict) -> int:
     """The first run in which the off-diagonal head put a neuron on v2 (its sequence is the point), else run 0."""
-    from fastpred.dynamics.race import LEARNED
-
     r = by_head.get("offdiag")
     if r is None:
         return 0
-    with_v2 = np.flatnonzero((r.alignment[:, -1, :, 1] > LEARNED).any(1))
+    with_v2 = np.flatnonzero(r.learned(1).any(1))
     return int(with_v2[0]) if with_v2.size else 0

@@ -81,11 +81,14 @@ class RaceResult:
     head_matrix: np.ndarray | None  # W of the head, applied as z @ W, (runs, T, m, m); None without a head
     loss: np.ndarray  # (runs, T)
 
+    def learned(self, feature: int) -> np.ndarray:
+        """(runs, m) booleans: the neurons that end on v1 (``feature`` 0) or on v2 (1)."""
+        return self.alignment[:, -1, :, feature] > LEARNED
+
     def outcome(self) -> dict[str, int]:
         """Counts at the last step: neurons on v1, on v2, on neither; runs with a neuron on v2."""
-        end = self.alignment[:, -1]  # (runs, m, 2)
-        on_v1, on_v2 = end[..., 0] > LEARNED, end[..., 1] > LEARNED
-        return {"runs": end.shape[0], "neurons": end.shape[0] * end.shape[1], "on_v1": int(on_v1.sum()),
+        on_v1, on_v2 = self.learned(0), self.learned(1)
+        return {"runs": on_v1.shape[0], "neurons": on_v1.size, "on_v1": int(on_v1.sum()),
                 "on_v2": int(on_v2.sum()), "neither": int((~on_v1 & ~on_v2).sum()),
                 "runs_with_v2": int(on_v2.any(1).sum())}
 
