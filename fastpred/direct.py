@@ -147,10 +147,14 @@ class DirectPredictor(nn.Module):
         self._check_input(z)
         # The refresh below rewrites W in place; autograd must keep the W this output was computed with.
         W = self.W.clone() if self.training else self.W
-        out = self._apply_predictor(z, W)
-        if self.training:
-            with torch.no_grad():
-                self._fold_and_refresh(z.detach())
+        # The caller's autocast region (bf16 on CUDA by default in mixed-precision loops) must not reach the
+        # statistics: it would run z^T z, the solver's matmuls and U diag(p) U^T in bf16 (errors ~1e-3, and the
+        # kernels' fp32 checks fail). Inside, matmuls follow the tensors' dtypes: W is applied in z's dtype.
+        with torch.autocast(z.device.type, enabled=False):
+            out = self._apply_predictor(z, W)
+            if self.training:
+                with torch.no_grad():
+                    self._fold_and_refresh(z.detach())
         return out
 
     def _apply_predictor(self, z: torch.Tensor, W: torch.Tensor) -> torch.Tensor:

@@ -22,28 +22,38 @@ def feature_blocks(z: torch.Tensor, groups: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def full_fp32_matmul() -> Iterator[None]:
-    """Run fp32 matmuls in true IEEE fp32 inside the block, whatever the user's global TF32 setting.
+    """Run fp32 matmuls in true IEEE fp32 inside the block, whatever the caller's matmul precision setting.
 
-    TF32 keeps 10 mantissa bits: enough for a backbone, but it wipes out the small eigenvalues of F
-    that DirectPred's square root amplifies. The user's setting is restored on exit. PyTorch >= 2.9
-    refuses to mix its legacy and new precision APIs, and reading the new one works after either, so
-    the new one is used where it exists.
+    TF32 (CUDA) and bf16 (oneDNN on CPUs with AMX / AVX512-BF16, under `set_float32_matmul_precision("medium")`)
+    keep 10 or 7 mantissa bits: enough for a backbone, but they wipe out the small eigenvalues of F that
+    DirectPred's square root amplifies. The caller's setting is restored on exit.
+
+    PyTorch >= 2.9 keeps a legacy precision (`set_float32_matmul_precision`, `allow_tf32`) and a new per-backend
+    one (`backends.cuda.matmul.fp32_precision`), and every cuBLAS matmul raises if the two disagree. So the block
+    moves both together: the legacy one only if the caller's state has one that can be read (a caller who used the
+    new API alone has none), then the new ones, and puts back exactly what it found.
     """
-    if not torch.cuda.is_initialized():  # no CUDA matmul can run; the CPU has no TF32
-        yield
-        return
     matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        previous = matmul.fp32_precision
-        matmul.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = previous
-    else:  # pragma: no cover - PyTorch < 2.9
+    if not hasattr(matmul, "fp32_precision"):  # pragma: no cover - PyTorch < 2.9: the legacy flag alone
         previous = matmul.allow_tf32
         matmul.allow_tf32 = False
         try:
             yield
         finally:
             matmul.allow_tf32 = previous
+        return
+    onednn = torch.backends.mkldnn.matmul
+    saved = matmul.fp32_precision, onednn.fp32_precision
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the new API alone was used: the legacy precision is left as it is
+        legacy = "highest"
+    if legacy != "highest":
+        torch.set_float32_matmul_precision("highest")
+    matmul.fp32_precision = onednn.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        if legacy != "highest":
+            torch.set_float32_matmul_precision(legacy)
+        matmul.fp32_precision, onednn.fp32_precision = saved
