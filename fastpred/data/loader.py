@@ -151,10 +151,18 @@ class _FFCVLoader:
         pipelines = {name: None for name in Reader(os.fspath(path)).handlers}
         pipelines[image_field] = PipelineSpec(image_field, decoder=decoder)
         pipelines[label_field] = PipelineSpec(label_field, decoder=label_decoder or IntDecoder())
+        if num_workers < 1:  # FFCV's own default counts every core of the machine, whoever else uses them
+            from fastpred.threads import plan
+
+            num_workers = plan(num_workers, 0).workers
+        torch_threads = torch.get_num_threads()
         self._loader = Loader(
             os.fspath(path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache, order=ffcv_order,
             seed=seed, indices=indices, pipelines=pipelines, drop_last=drop_last, batches_ahead=batches_ahead,
         )
+        # FFCV sets torch's thread count to its worker count (at construction and at every epoch): a side effect
+        # that oversubscribes the cores and changes float reductions. Torch's count is the caller's to set.
+        torch.set_num_threads(torch_threads)
         self._names = list(self._loader.pipeline_specs)  # FFCV returns outputs in this order
         self._fields = (image_field, label_field)
         self.batch_size, self.seed = batch_size, seed
@@ -192,7 +200,9 @@ class _FFCVLoader:
         image_field, label_field = self._fields
         cuda = self.device is not None and self.device.type == "cuda"
         pending = None
+        torch_threads = torch.get_num_threads()
         it = iter(self._loader)
+        torch.set_num_threads(torch_threads)  # see __init__
         while True:
             if pending is not None:
                 pending.synchronize()
@@ -230,7 +240,9 @@ class TwoViewLoader(_FFCVLoader):
             process-cache reads of data sets larger than RAM; not distributed) or 'sequential'.
         drop_last: drop the final incomplete batch.
         os_cache: True reads through the OS page cache (mmap); False uses FFCV's process cache.
-        num_workers: decoding threads (-1: all cores).
+        num_workers: decoding threads (-1: this process's share of the cores it may use: CPU affinity and
+            container quota divided by torchrun's LOCAL_WORLD_SIZE; see `fastpred.threads`). Torch's own thread
+            count is left as it was (FFCV would set it to this number).
         seed: order seed, and with `os_cache` and a random or sequential order also the crops' seed: sample i's
             crops and flips in epoch e are drawn from (seed, e, i), whatever the worker count (default: random;
             0 when distributed, as every rank must agree).
