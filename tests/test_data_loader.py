@@ -290,3 +290,75 @@ def test_set_epoch_resumes_mid_epoch(betons):
     for a, b in zip(full[per_epoch + 4 :], tail, strict=True):
         for u, v in zip(a, b, strict=True):
             np.testing.assert_array_equal(u, v)
+
+
+def hflip_before(img):
+    """The decoder's flip as it was (one byte at a time): the new one must give the same bytes."""
+    height, width = img.shape[0], img.shape[1]
+    for r in range(height):
+        for c in range(width // 2):
+            d = width - 1 - c
+            for k in range(3):
+                t = img[r, c, k]
+                img[r, c, k] = img[r, d, k]
+                img[r, d, k] = t
+
+
+def test_hflip_gives_the_same_bytes_as_before():
+    from ffcv.pipeline.compiler import Compiler
+
+    from fastpred.data.decode import hflip_
+
+    new, old = Compiler.compile(hflip_), Compiler.compile(hflip_before)
+    rng = np.random.default_rng(0)
+    for shape in [(224, 224), (1, 1), (3, 2), (5, 7), (2, 223), (31, 64), (0, 5), (4, 0)]:
+        img = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        a, b = img.copy(), img.copy()
+        new(a)
+        old(b)
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, img[:, ::-1])
+        # In place on a view of a larger buffer, as the decoder calls it on destination[sample, view].
+        buffer = np.stack([img, img])[None]  # (1, 2, H, W, 3)
+        new(buffer[0, 1])
+        np.testing.assert_array_equal(buffer[0, 1], img[:, ::-1])
+        np.testing.assert_array_equal(buffer[0, 0], img)
+
+
+def test_flipped_views_from_a_second_loader(betons, jpeg_folder):
+    """Every view flipped, by a loader built after another one. Building a loader makes FFCV mark numba's shared
+    1-D uint8 array type read-only, and a flip that wrote through a 1-D array failed to compile in the second
+    loader's worker thread, leaving the iteration waiting (hence the deadline)."""
+    from test_data_write import deadline
+
+    src = open_source(str(jpeg_folder))
+    with deadline(120):
+        for _ in range(2):
+            loader = TwoViewLoader(betons["raw"], 3, 24, order="sequential", flip_prob=1.0, num_workers=1,
+                                   return_params=True)
+            x1, x2, _, prm = next(iter(loader))
+            assert prm[:, :, 4].all()
+            for k in range(3):
+                for v, x in enumerate((x1, x2)):
+                    want = reference_view(src[k][0], prm[k, v].numpy(), 24)
+                    np.testing.assert_array_equal(x[k].permute(1, 2, 0).numpy(), want)
+
+
+def test_decoder_memory_does_not_grow_with_images_batch_or_slots(tmp_path):
+    """FFCV allocates each query for batch x (batches_ahead + 2) samples; only the views may be among them. The
+    decoded source image and the double-size crop are per-thread scratch, whatever the images' size."""
+    import torch
+    from ffcv.pipeline.state import State
+    from ffcv.reader import Reader
+
+    from fastpred.data.decode import TwoCropRGBImageDecoder
+
+    path = tmp_path / "big.beton"
+    write_beton(ArraySource(np.zeros((2, 480, 640, 3), np.uint8), np.arange(2), "big"), path, workers=1,
+                max_resolution=0)
+    decoder = TwoCropRGBImageDecoder((224, 224))
+    decoder.metadata = Reader(str(path)).metadata["f0"]
+    state, queries = decoder.declare_state_and_memory(State(False, torch.device("cpu"), None, None))
+    per_sample = sum(int(np.prod(q.shape)) * np.dtype(q.dtype).itemsize for q in queries)
+    assert per_sample == 2 * 224 * 224 * 3 + 2 * 5 * 4  # two views and their crop parameters
+    assert decoder.scratch_bytes() == (480 * 640 * 3, 448 * 448 * 3)

@@ -3,6 +3,7 @@ and scikit-learn's 8x8 digits. Each source yields `(image, label)` with image a 
 
 from __future__ import annotations
 
+import codecs
 import os
 import pickle
 from pathlib import Path
@@ -29,6 +30,10 @@ class ArraySource:
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         return self.images[i], int(self.labels[i])
 
+    def max_pixels(self) -> int:
+        """H x W of the largest image (the writer sizes its pages by it when images are kept at full size)."""
+        return int(self.images.shape[1]) * int(self.images.shape[2])
+
 
 class ImageFolderSource:
     """ImageNet layout: SRC/<class>/<image>; labels are class indices in sorted class-name order."""
@@ -54,17 +59,94 @@ class ImageFolderSource:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB")), label
 
+    def max_pixels(self) -> int:
+        """H x W of the largest image, from the file headers (unreadable files count 0: reading them fails later)."""
+        from PIL import Image
+
+        largest = 0
+        for path, _ in self.samples:
+            try:
+                with Image.open(path) as im:
+                    largest = max(largest, im.width * im.height)
+            except Exception:  # noqa: BLE001, S112 - the writer reports the file when it reads it
+                continue
+        return largest
+
+
+class _Refused(pickle.UnpicklingError):
+    """The pickle asks for something a CIFAR-10 batch never holds."""
+
+
+def _plain_dtype(*args) -> np.dtype:
+    dtype = np.dtype(*args)
+    if dtype.hasobject:  # an object array would unpickle its elements as arbitrary objects
+        raise _Refused("an object dtype")
+    return dtype
+
+
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    if encoding != "latin1":  # Python 3's protocol 2 spells bytes as _codecs.encode(text, "latin1"), nothing else
+        raise _Refused(f"_codecs.encode(..., {encoding!r})")
+    return codecs.encode(text, "latin1")
+
+
+# Everything a CIFAR-10 python batch may call while unpickling, by the (module, name) the pickle spells.
+# Python 2's cPickle wrote the real files: a dict of str, list, int and one uint8 ndarray, which needs numpy's
+# ndarray, dtype and _reconstruct (under numpy 1's `numpy.core`; numpy 2 keeps it in `numpy._core`). A batch
+# pickled again by Python 3 needs _codecs.encode for bytes (protocol 2) or _frombuffer for arrays (protocol 5).
+_reconstruct = np.empty(0).__reduce__()[0]  # numpy's own functions, wherever this numpy version keeps them
+_frombuffer = np.empty(0).__reduce_ex__(5)[0]
+_CIFAR_GLOBALS = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _plain_dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+    ("_codecs", "encode"): _latin1_bytes,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR-10 batch holds: a pickle that calls anything else is refused, not run."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _CIFAR_GLOBALS[(module, name)]
+        except KeyError:
+            raise _Refused(f"it calls {module}.{name}") from None
+
+
+def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python batch as uint8 (N, 32, 32, 3) images and int64 (N,) labels, without running its code."""
+    try:
+        with open(path, "rb") as f:
+            d = _CifarUnpickler(f, encoding="latin1").load()
+    except _Refused as e:
+        raise DataError(f"refusing to read {path}: not a plain CIFAR-10 batch ({e}); nothing in it was run") from None
+    except Exception as e:  # noqa: BLE001 - a damaged pickle fails in many ways, each one line to the user
+        raise DataError(f"cannot read CIFAR-10 batch {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise DataError(f"not a CIFAR-10 batch: {path} holds a {type(d).__name__}, not a dict")
+    # Python 2 str keys load as str with encoding="latin1"; a batch pickled again by Python 3 may have bytes keys.
+    d = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
+    data, labels = d.get("data"), d.get("labels")
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+        raise DataError(f"not a CIFAR-10 batch: {path} has no uint8 (N, 3072) 'data'")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError):
+        labels = None
+    if labels is None or labels.shape != (len(data),):
+        raise DataError(f"not a CIFAR-10 batch: {path} needs {len(data)} integer 'labels'")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
 
 def _cifar10(folder: Path, split: str) -> ArraySource:
     names = {"train": [f"data_batch_{k}" for k in range(1, 6)], "test": ["test_batch"]}
     if split not in names:
         raise DataError(f"CIFAR-10 has splits train and test, not {split!r}")
-    xs, ys = [], []
-    for n in names[split]:
-        with open(folder / n, "rb") as f:
-            d = pickle.load(f, encoding="latin1")
-        xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        ys.append(np.asarray(d["labels"]))
+    xs, ys = zip(*(read_cifar_batch(folder / n) for n in names[split]), strict=True)
     return ArraySource(np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys), f"CIFAR-10 {split}")
 
 
