@@ -142,8 +142,9 @@ from fastpred.kernels._common import full_fp32_matmul
 
 def state():
     out = []
-    for read in (torch.get_float32_matmul_precision, lambda: torch.backends.cuda.matmul.allow_tf32,
-                 lambda: torch.backends.cuda.matmul.fp32_precision, lambda: torch.backends.mkldnn.matmul.fp32_precision):
+    matmul, onednn = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    for read in (torch.get_float32_matmul_precision, lambda: matmul.allow_tf32, lambda: matmul.fp32_precision,
+                 lambda: onednn.fp32_precision):
         try:
             out.append(read())
         except RuntimeError:  # the legacy API read after the new one alone was used: PyTorch refuses to answer

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import types
 import typing
@@ -41,15 +42,21 @@ class Config:
     trainable: bool = False  # train W by gradient between refreshes (the paper's freq > 1 variant)
     # --- mlp predictor only
     pred_hidden: int = 512  # hidden width of the MLP predictor
+    # --- trained predictors only (linear, mlp, offdiag, or directpred with --trainable)
+    pred_lr: float | None = None  # the predictor's own base learning rate (default: --lr), scaled like --lr
+    pred_wd: float | None = None  # the predictor's own weight decay (default: --weight-decay)
+    pred_lr_fixed: bool = False  # keep the predictor's learning rate constant while the encoder's is scheduled
+    pred_reg: str = "none"  # linear head only: symmetric makes W symmetric after every step (the official default)
     # --- model
     backbone: str = "small_cnn"  # small_cnn, resnet18_small (3x3 stem, no max-pool), resnet18, resnet50
     proj_hidden: int = 256  # projector Linear-BN-ReLU-Linear hidden width
     proj_dim: int = 64  # projector output width d (the predictor's dimension)
-    sync_bn: bool = True  # SyncBatchNorm across processes under torchrun (as BYOL)
+    sync_bn: bool = True  # BatchNorm statistics over all processes under torchrun, online and target (as BYOL)
     # --- data and augmentation
     resolution: int = 32  # side of the training views (and of the probes' centre crops)
     crop_scale: float = 0.08  # smallest area fraction of a random resized crop
-    workers: int = -1  # FFCV decoding threads per process (-1: all cores)
+    workers: int = -1  # FFCV decoding threads per process (-1: this process's share of the usable cores)
+    threads: int = -1  # torch's CPU threads per process (-1: this process's share of the usable cores)
     # --- optimisation
     epochs: int = 100
     batch_size: int = 128  # images per process and step (two views each); the global batch is this x processes
@@ -66,8 +73,9 @@ class Config:
     # --- speed
     device: str = "auto"  # auto (cuda if present), cpu, cuda
     compile: bool = False  # torch.compile the backbone and projector
-    amp: bool = True  # bf16 autocast on CUDA (never on the CPU)
-    channels_last: bool = True  # channels-last memory format on CUDA
+    amp: bool = True  # bf16 autocast on CUDA (on the CPU only with --cuda-rehearsal)
+    channels_last: bool = True  # channels-last memory format on CUDA (on the CPU only with --cuda-rehearsal)
+    cuda_rehearsal: bool = False  # on the CPU, run the step as on CUDA: --amp and --channels-last apply there too
     synthetic_steps: int = 20  # steps per epoch with --data synthetic
     max_steps: int = 0  # stop after this many steps in all (0: no limit); for benchmarks and smoke runs
     # --- evaluation and logging
@@ -76,6 +84,8 @@ class Config:
     knn_k: int = 20
     final_probe: bool = True  # linear probe on frozen features at the end, and on a random-init backbone
     final_probe_epochs: int = 100
+    tensorboard: bool = False  # also write TensorBoard event files to RUN_DIR/tensorboard (fastpred[tensorboard])
+    dist_timeout: float = 30.0  # minutes a collective waits for the slowest process under torchrun before failing
     log_every: int = 10  # steps per metrics line
     spectrum_every: int = 50  # record F's and W's spectra every k steps (0: never)
     progress: str = "auto"  # auto (a bar on a terminal), bar, plain
@@ -84,10 +94,21 @@ class Config:
     out: str | None = None  # default runs/<date>-<time>-<preset>
     resume: str | None = None  # a run folder to continue
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch and a signal always write one)
+    keep_every: int = 0  # also keep checkpoint-epochNNNN.pt every k epochs (0: keep only the latest, checkpoint.pt)
+    auto_resume: bool = False  # with --out DIR: start the run there, or continue it if DIR holds this same run
+    max_nonfinite_steps: int = 3  # the loss non-finite this many steps in a row ends the run as diverged (0: off)
 
     @property
     def uses_direct(self) -> bool:
         return self.predictor in ("directpred", "directcopy")
+
+    @property
+    def trained_predictor(self) -> bool:
+        return self.predictor in ("linear", "mlp", "offdiag") or (self.uses_direct and self.trainable)
+
+    @property
+    def own_predictor_optimizer(self) -> bool:
+        return self.pred_lr is not None or self.pred_wd is not None or self.pred_lr_fixed
 
 
 #: Flags that only mean something with certain settings: flag -> (what it needs, a test on the config).
@@ -95,6 +116,9 @@ _APPLIES: dict[str, tuple[str, typing.Callable[[Config], bool]]] = {
     **{k: ("--predictor directpred or directcopy", lambda c: c.uses_direct)
        for k in ("rho", "eps", "alpha", "freq", "groups", "backend", "sweeps", "trainable")},
     "pred_hidden": ("--predictor mlp", lambda c: c.predictor == "mlp"),
+    **{k: ("a trained predictor (linear, mlp, offdiag, or directpred/directcopy with --trainable)",
+           lambda c: c.trained_predictor) for k in ("pred_lr", "pred_wd", "pred_lr_fixed")},
+    "pred_reg": ("--predictor linear", lambda c: c.predictor == "linear"),
     "target_ema": ("--method byol", lambda c: c.method == "byol"),
     "target_ema_schedule": ("--method byol", lambda c: c.method == "byol"),
     "val": ("--data PATH.beton", lambda c: c.data not in ("digits", "synthetic")),
@@ -104,28 +128,28 @@ _APPLIES: dict[str, tuple[str, typing.Callable[[Config], bool]]] = {
 
 PRESETS: dict[str, dict[str, typing.Any]] = {
     # Small enough that `python -m fastpred.train` finishes in well under three minutes on a 2-core CPU. One FFCV
-    # thread (FFCV also sets torch's thread count to it): on a 2-core machine two were 15% faster when idle but 8x
-    # slower when other processes were busy.
+    # thread and one torch thread, a core each: on a 2-core machine two FFCV threads were 15% faster when idle but
+    # 8x slower when other processes were busy.
     "digits": dict(
         backbone="small_cnn", proj_hidden=256, proj_dim=64, resolution=16, crop_scale=0.3, epochs=30,
         batch_size=128, optimizer="sgd", lr=0.05, weight_decay=4e-4, target_ema=0.99, pred_hidden=256,
-        spectrum_every=10, log_every=5, workers=1,
+        spectrum_every=10, log_every=5, workers=1, threads=1, keep_every=10,
     ),
     # The official DirectPred code's CIFAR-10 / STL-10 configuration (facebookresearch/luckmatters ssl).
     "cifar10": dict(
         backbone="resnet18_small", proj_hidden=512, proj_dim=128, resolution=32, epochs=100, batch_size=128,
-        optimizer="sgd", lr=0.03, momentum=0.9, weight_decay=4e-4, target_ema=0.996, pred_hidden=512,
+        optimizer="sgd", lr=0.03, momentum=0.9, weight_decay=4e-4, target_ema=0.996, pred_hidden=512, keep_every=20,
     ),
     "stl10": dict(
         backbone="resnet18_small", proj_hidden=512, proj_dim=128, resolution=96, epochs=100, batch_size=128,
-        optimizer="sgd", lr=0.03, momentum=0.9, weight_decay=4e-4, target_ema=0.996, pred_hidden=512,
+        optimizer="sgd", lr=0.03, momentum=0.9, weight_decay=4e-4, target_ema=0.996, pred_hidden=512, keep_every=20,
     ),
     # BYOL's ImageNet recipe (Grill et al. 2020): LARS, base lr 0.2 per 256 images, cosine, EMA 0.996 -> 1.
     "imagenet": dict(
         backbone="resnet50", proj_hidden=4096, proj_dim=256, resolution=224, epochs=300, batch_size=256,
         optimizer="lars", lr=0.2, lr_scaling="linear", momentum=0.9, weight_decay=1.5e-6, exclude_bias_norm=True,
         warmup_epochs=10, schedule="cosine", target_ema=0.996, target_ema_schedule="cosine", pred_hidden=4096,
-        knn_every=10, final_probe_epochs=30, log_every=50, spectrum_every=500,
+        knn_every=10, final_probe_epochs=30, log_every=50, spectrum_every=500, keep_every=20,
     ),
 }
 
@@ -141,6 +165,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "target_ema_schedule": SCHEDULES,
     "device": ("auto", "cpu", "cuda"),
     "progress": ("auto", "bar", "plain"),
+    "pred_reg": ("none", "symmetric"),
 }
 
 
@@ -231,6 +256,14 @@ def check(cfg: Config, given: dict[str, typing.Any]) -> None:
         raise ConfigError(f"--target-ema must be in [0, 1], got {cfg.target_ema}")
     if cfg.lr <= 0 or cfg.alpha <= 0:
         raise ConfigError("--lr and --alpha must be > 0")
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("--tensorboard needs the tensorboard package: pip install 'fastpred[tensorboard]'")
+    if cfg.dist_timeout <= 0:
+        raise ConfigError(f"--dist-timeout must be > 0 minutes, got {cfg.dist_timeout}")
+    if cfg.pred_lr is not None and cfg.pred_lr <= 0:
+        raise ConfigError(f"--pred-lr must be > 0, got {cfg.pred_lr}")
+    if cfg.pred_wd is not None and cfg.pred_wd < 0:
+        raise ConfigError(f"--pred-wd must be >= 0, got {cfg.pred_wd}")
     if cfg.uses_direct and cfg.proj_dim % cfg.groups:
         raise ConfigError(f"--groups {cfg.groups} does not divide --proj-dim {cfg.proj_dim}")
     if cfg.resume and cfg.out:
@@ -251,8 +284,14 @@ def from_json(text: str) -> Config:
 
 
 #: Settings a resumed run may change: they do not alter the trajectory.
-RESUMABLE = frozenset({"workers", "progress", "log_every", "device", "compile", "max_steps", "knn_every",
-                       "final_probe", "final_probe_epochs", "checkpoint_every", "resume"})
+RESUMABLE = frozenset({"workers", "threads", "tensorboard", "progress", "log_every", "device", "compile", "max_steps",
+                       "knn_every", "final_probe", "final_probe_epochs", "checkpoint_every", "resume", "keep_every",
+                       "auto_resume", "max_nonfinite_steps", "dist_timeout"})
+
+#: Settings an explicit --resume may change on purpose, recorded in the run folder (events.jsonl, config.json): a
+#: lower lr rescues a diverged run from its last good checkpoint; batch_size keeps the global batch (and with it the
+#: schedule) on another number of processes, which the trainer checks against the checkpoint.
+RESCUE = frozenset({"lr", "batch_size"})
 
 
 def resumed(saved: Config, given: dict[str, typing.Any]) -> Config:
@@ -260,13 +299,17 @@ def resumed(saved: Config, given: dict[str, typing.Any]) -> Config:
     if "out" in given:
         raise ConfigError("--resume continues the run in its own folder; drop --out")
     for name, value in given.items():
-        if name not in RESUMABLE and getattr(saved, name) != value:
+        if name not in RESUMABLE | RESCUE and getattr(saved, name) != value:
             raise ConfigError(
                 f"--{name.replace('_', '-')} {value} contradicts the run's config ({name}={getattr(saved, name)!r}); "
                 "a resumed run keeps its settings"
             )
-    return dataclasses.replace(saved, **{k: v for k, v in given.items() if k in RESUMABLE})
+    if given.get("lr", saved.lr) <= 0:
+        raise ConfigError("--lr must be > 0")
+    if given.get("batch_size", saved.batch_size) < 2:
+        raise ConfigError("--batch-size must be >= 2 (BatchNorm needs two samples)")
+    return dataclasses.replace(saved, **{k: v for k, v in given.items() if k in RESUMABLE | RESCUE})
 
 
 __all__ = ["Config", "ConfigError", "PRESETS", "build_parser", "resolve", "to_json", "from_json", "resumed",
-           "check", "RESUMABLE"]
+           "check", "RESUMABLE", "RESCUE"]

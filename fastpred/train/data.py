@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -86,15 +87,15 @@ class SyntheticViews:
 class Sources:
     """Where a run's images come from: the training views, and the labelled sets of the probes.
 
-    `train_views` iterates (x1, x2, y) uint8 batches on the device. `probe_train()` and `probe_val()` iterate
-    (x, y) uint8 centre crops (`None` for synthetic data, which has nothing to probe); `held_out_note` says
-    which held-out set the probes use.
+    `train_views` iterates (x1, x2, y) uint8 batches on the device. `probes` (`fastpred.eval.ProbeSets`; `None`
+    for synthetic data, which has nothing to probe) holds the labelled sets of the probes, of which
+    `probe_train()` and `probe_val()` iterate this rank's shard as (x, y) uint8 centre crops; `held_out_note`
+    says which held-out set the probes use.
     """
 
     def __init__(self, cfg, *, rank: int, world_size: int, device: torch.device):
         self.device = device
-        self._eval_args: dict = {}
-        self._eval_loaders: dict = {}
+        self.probes = None
         if cfg.data == "synthetic":
             steps = cfg.synthetic_steps
             self.train_views = SyntheticViews(cfg.batch_size, cfg.resolution, steps, seed=cfg.seed, rank=rank,
@@ -102,59 +103,62 @@ class Sources:
             self.held_out_note = "none (synthetic data)"
             self._train_path = self._val_path = None
             return
-        train_indices = None
-        if cfg.data == "digits":
-            self._train_path, self._val_path = digits_betons(rank)
-            self.held_out_note = "the digits test split (every 5th image)"
-            self._probe_train_indices = self._val_indices = None
-        else:
-            self._train_path = Path(cfg.data)
-            if cfg.val is not None:
-                self._val_path = Path(cfg.val)
-                self.held_out_note = f"{cfg.val}"
-                self._probe_train_indices = self._val_indices = None
-            else:
-                # No held-out file: hold out every 10th image, from the SSL training and from the probes' fit.
-                from fastpred.data.loader import check_beton
-
-                n = check_beton(self._train_path, {"image": "RGBImageField", "label": "IntField"})
-                idx = np.arange(n)
-                train_indices = idx[idx % HELD_OUT_EVERY != 0]
-                self._val_path, self._val_indices = self._train_path, idx[idx % HELD_OUT_EVERY == 0]
-                self._probe_train_indices = train_indices
-                self.held_out_note = (f"no --val: every {HELD_OUT_EVERY}th image of {cfg.data} "
-                                      f"({len(self._val_indices)} images), left out of training")
+        split = held_out_split(cfg, rank)
+        self._train_path, self._val_path = split.train, split.val
+        train_indices, self.held_out_note = split.train_indices, split.note
         from fastpred.data.loader import TwoViewLoader
 
         self.train_views = TwoViewLoader(
             self._train_path, cfg.batch_size, cfg.resolution, scale=(cfg.crop_scale, 1.0), seed=cfg.seed,
             rank=rank, world_size=world_size, device=device, num_workers=cfg.workers, indices=train_indices,
         )
-        # Small images are probed whole; ImageNet-sized ones through the usual 224/256 centre crop.
-        crop_ratio = 1.0 if cfg.resolution <= 96 else 224 / 256
-        self._eval_args = dict(batch_size=max(cfg.batch_size, 256), resolution=cfg.resolution,
-                               crop_ratio=crop_ratio, num_workers=cfg.workers, device=device)
-        # Fail now on a bad held-out file, not after the first epoch.
-        if self._val_path is not None:
-            self.probe_val()
+        from fastpred.eval.features import ProbeSets
+
+        # The held-out file and both sets' labels are checked now (not after the first epoch), on every rank;
+        # each rank's loaders read its own shard and are built at the first evaluation.
+        self.probes = ProbeSets(
+            split.train, split.train_indices, split.val, split.val_indices, resolution=cfg.resolution,
+            batch_size=max(cfg.batch_size, 256), workers=cfg.workers, device=device, rank=rank,
+            world_size=world_size,
+        )
 
     @property
     def has_probes(self) -> bool:
-        return self._val_path is not None
+        return self.probes is not None
 
     def probe_train(self):
-        return self._eval("train", self._train_path, self._probe_train_indices)
+        return self.probes.loader("train")
 
     def probe_val(self):
-        return self._eval("val", self._val_path, self._val_indices)
+        return self.probes.loader("val")
 
-    def _eval(self, name, path, indices):
-        # Built once and iterated each epoch: every FFCV Loader compiles its pipeline anew (seconds).
-        if name not in self._eval_loaders:
-            from fastpred.data.loader import EvalLoader
 
-            self._eval_loaders[name] = EvalLoader(path, indices=indices, **self._eval_args)
-        return self._eval_loaders[name]
+class Split(NamedTuple):
+    """A run's training file and the probes' held-out set: paths, subsets (None: every image) and a note."""
+
+    train: Path
+    val: Path
+    train_indices: np.ndarray | None  # what SSL trains on and the probes fit
+    val_indices: np.ndarray | None
+    note: str
+
+
+def held_out_split(cfg, rank: int = 0) -> Split:
+    """The held-out set of a run on a .beton or the digits: `--val`, the digits test split, or (no `--val`) every
+    HELD_OUT_EVERY-th image of the training file, left out of SSL training and of the probes' fit."""
+    if cfg.data == "digits":
+        train, val = digits_betons(rank)
+        return Split(train, val, None, None, "the digits test split (every 5th image)")
+    if cfg.val is not None:
+        return Split(Path(cfg.data), Path(cfg.val), None, None, f"{cfg.val}")
+    from fastpred.data.loader import check_beton
+
+    n = check_beton(cfg.data, {"image": "RGBImageField", "label": "IntField"})
+    idx = np.arange(n)
+    val_indices = idx[idx % HELD_OUT_EVERY == 0]
+    return Split(Path(cfg.data), Path(cfg.data), idx[idx % HELD_OUT_EVERY != 0], val_indices,
+                 f"no --val: every {HELD_OUT_EVERY}th image of {cfg.data} ({len(val_indices)} images), "
+                 "left out of training")
 
 
 def label_count(path: str | os.PathLike, label_field: str = "label") -> int:

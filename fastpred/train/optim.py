@@ -43,6 +43,28 @@ def param_groups(modules: Iterable[nn.Module], weight_decay: float, *, exclude_b
     return [group for group in groups if group["params"]]
 
 
+def with_predictor_group(
+    encoder: Iterable[nn.Module], predictor: nn.Module, *, weight_decay: float, exclude_bias_and_norm: bool,
+    base_lr: float, pred_base_lr: float, pred_weight_decay: float, pred_lr_fixed: bool,
+) -> list[dict]:
+    """``param_groups`` of the encoder, then the predictor's own groups, marked ``predictor=True`` with its base
+    learning rate and weight decay, and ``fixed_lr`` to keep its learning rate constant (SimSiam) while the
+    encoder's follows the schedule. `group_lr` reads the marks each step."""
+    groups = param_groups(encoder, weight_decay, exclude_bias_and_norm=exclude_bias_and_norm)
+    head = param_groups([predictor], pred_weight_decay, exclude_bias_and_norm=exclude_bias_and_norm)
+    for group in head:
+        group.update(predictor=True, lr_ratio=pred_base_lr / base_lr, base_lr=pred_base_lr, fixed_lr=pred_lr_fixed)
+    return groups + head
+
+
+def group_lr(group: dict, scheduled_lr: float) -> float:
+    """A group's learning rate for this step: the schedule's, scaled for a predictor group with its own base rate,
+    or that base rate throughout for a predictor group with ``fixed_lr`` (no warm-up, no decay, as SimSiam)."""
+    if not group.get("predictor"):
+        return scheduled_lr
+    return group["base_lr"] if group["fixed_lr"] else scheduled_lr * group["lr_ratio"]
+
+
 class LARS(torch.optim.Optimizer):
     """LARS (You et al. 2017) as BYOL and SimCLR use it, without any host synchronisation.
 
@@ -149,6 +171,12 @@ def target_momentum_at(step: int, *, total_steps: int, base: float, schedule: st
         return base
     progress = min(1.0, step / max(1, total_steps))
     return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
+
+
+@torch.no_grad()
+def symmetrize_(weight: Tensor) -> None:
+    """W <- (W + W^T) / 2 in place (a square weight): the same arithmetic on every rank keeps DDP replicas equal."""
+    weight.copy_((weight + weight.T) / 2)
 
 
 @torch.no_grad()

@@ -101,6 +101,10 @@ class SpectrumRecorder:
             metrics["asymmetry"] = float(row["asymmetry"])
         return metrics
 
+    def records_since(self, n: int) -> list[tuple[int, np.ndarray]]:
+        """(step, eigenvalues of F) of every record after the first `n`."""
+        return list(zip(self._rows["step"][n:], self._rows["f_eigs"][n:], strict=True))
+
     def arrays(self) -> dict[str, np.ndarray]:
         """The records so far as `spectrum.npz` holds them (arrays never recorded are left out)."""
         out: dict[str, np.ndarray] = {"step": np.asarray(self._rows["step"], dtype=np.int64)}
