@@ -15,14 +15,7 @@ from fastpred.eval import extract_features, knn_accuracy, linear_probe_accuracy,
 from fastpred.eval.knn import knn_votes
 from fastpred.train import distributed as collective
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Many tiny ops: on shared cores OpenMP's hand-offs cost more than the arithmetic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # many tiny ops: see conftest.py
 
 
 def _digits(seed: int = 0):

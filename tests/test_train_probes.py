@@ -9,15 +9,7 @@ import torch.nn.functional as F
 
 from fastpred.train.probes import OnlineProbe
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These are many tiny ops: on shared cores OpenMP's hand-offs cost more than the arithmetic
-    # (the digits probe takes ~1 s on one thread and ~9 s on two busy ones).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # many tiny ops: see conftest.py
 
 
 def _blobs(n: int, dim: int = 16, classes: int = 4, seed: int = 0, spread: float = 0.3):

@@ -205,6 +205,25 @@ def labelled(feats: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return feats[keep], labels[keep].long()
 
 
+def labelled_pair(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test_labels: Tensor, *,
+                  device: torch.device, many: bool, num_classes: int | None, who: str
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, int, int, int]:
+    """(x_train, y_train, x_test, y_test, num_classes, n_train, n_test): the labelled rows of a train and a test set
+    on `device` (this rank's, with `many`), the number of classes (given, or largest label + 1 over both sets and
+    all ranks) and the labelled row counts over all ranks, checked to be non-zero."""
+    x_train, y_train = labelled(train_feats.to(device), train_labels.to(device))
+    x_test, y_test = labelled(test_feats.to(device), test_labels.to(device))
+    counts = torch.tensor([len(x_train), len(x_test)], device=device)
+    if many:
+        collective.all_reduce_(counts)
+    n_train, n_test = (int(c) for c in counts)
+    if n_train == 0 or n_test == 0:
+        raise ValueError(f"{who} needs labelled rows: {n_train} in train, {n_test} in test")
+    if num_classes is None:
+        num_classes = num_classes_of([y_train, y_test], many)
+    return x_train, y_train, x_test, y_test, num_classes, n_train, n_test
+
+
 def over_ranks(flag: bool | None) -> bool:
     """Whether to evaluate over all ranks: by default when more than one process is running."""
     if flag is None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastpred.eval.features import labelled, num_classes_of, over_ranks
+from fastpred.eval.features import labelled_pair, over_ranks
 from fastpred.numerics import full_fp32_matmul
 from fastpred.train import distributed as collective
 
@@ -79,16 +79,10 @@ def knn_votes(
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     many = over_ranks(distributed)
     device = train_feats.device
-    bank, bank_labels = labelled(train_feats, train_labels.to(device))
-    queries, query_labels = labelled(test_feats.to(device), test_labels.to(device))
-    counts = torch.tensor([len(bank), len(queries)], device=device)
-    if many:
-        collective.all_reduce_(counts)
-    n_bank, n_queries = (int(c) for c in counts)
-    if n_bank == 0 or n_queries == 0:
-        raise ValueError(f"knn_accuracy needs labelled rows: {n_bank} in train, {n_queries} in test")
-    if num_classes is None:
-        num_classes = num_classes_of([bank_labels, query_labels], many)
+    bank, bank_labels, queries, query_labels, num_classes, n_bank, _ = labelled_pair(
+        train_feats, train_labels, test_feats, test_labels, device=device, many=many, num_classes=num_classes,
+        who="knn_accuracy",
+    )
     bank = normalized_half(bank)  # (N_r, D) fp16, unit rows
     queries = normalized_half(queries)
     if many:

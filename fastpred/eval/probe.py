@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastpred.eval.features import labelled, num_classes_of, over_ranks
+from fastpred.eval.features import labelled_pair, over_ranks
 from fastpred.train import distributed as collective
 
 _EVAL_CHUNK = 8192  # test rows standardised and scored at a time: no standardised copy of the features
@@ -59,16 +59,10 @@ def linear_probe_scores(
     """
     many = over_ranks(distributed)
     device = torch.device(device) if device is not None else train_feats.device
-    x_train, y_train = labelled(train_feats.to(device), train_labels.to(device))
-    x_test, y_test = labelled(test_feats.to(device), test_labels.to(device))
-    counts = torch.tensor([len(x_train), len(x_test)], device=device)
-    if many:
-        collective.all_reduce_(counts)
-    n_train, n_test = (int(c) for c in counts)
-    if n_train == 0 or n_test == 0:
-        raise ValueError(f"linear_probe_accuracy needs labelled rows: {n_train} in train, {n_test} in test")
-    if num_classes is None:
-        num_classes = num_classes_of([y_train, y_test], many)
+    x_train, y_train, x_test, y_test, num_classes, n_train, n_test = labelled_pair(
+        train_feats, train_labels, test_feats, test_labels, device=device, many=many, num_classes=num_classes,
+        who="linear_probe_accuracy",
+    )
     # Callers often evaluate under no_grad or autocast; the probe needs gradients, and fp32 for its accuracy.
     with torch.enable_grad(), torch.autocast(device_type=device.type, enabled=False):
         mean, std = _standardisation(x_train, n_train, many)
