@@ -51,9 +51,9 @@ class _InMemory:
 
 @pytest.mark.parametrize("case", ["digits", "synthetic224-resnet50"])
 def test_extract(benchmark, case, request):
+    from fastpred.core.models import build_backbone
     from fastpred.eval.features import extract_features
     from fastpred.train.data import normalize
-    from fastpred.train.models import build_backbone
 
     torch.manual_seed(0)
     if case == "digits":

@@ -14,9 +14,9 @@ import torch.distributed as dist
 from host_syncs import HostSyncCounter
 
 from fastpred.alerts import CounterAlert
+from fastpred.core import distributed
 from fastpred.data.augment import BYOLAugment
 from fastpred.train import config as train_config
-from fastpred.train import distributed
 from fastpred.train.loop import Trainer, compile_counts
 from fastpred.train.run_dir import RunDir
 from fastpred.train.sync_bn import SyncBatchNorm

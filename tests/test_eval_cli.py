@@ -135,9 +135,9 @@ def test_bare_backbone_state_dict_with_arch(trained, cache_env, tmp_path):
 
 
 def test_each_rank_reads_a_disjoint_shard_and_together_every_image(trained, cache_env):
+    from fastpred.core.models import build_backbone
     from fastpred.eval.features import ProbeSets, extract_features
     from fastpred.train import data as train_data
-    from fastpred.train.models import build_backbone
 
     torch.manual_seed(0)
     backbone = build_backbone("small_cnn")[0]
@@ -169,7 +169,7 @@ def _five_class_beton(path):
 
 
 @pytest.mark.parametrize("case", ["no_checkpoint", "no_backbone", "wrong_arch", "label_counts", "protocol",
-                                  "epochs_with_knn", "not_a_run"])
+                                  "epochs_with_knn", "not_a_run", "bad_config"])
 def test_bad_input_is_one_error_line_and_exit_2_with_nothing_written(trained, cache_env, tmp_path, capsys, case):
     folder = tmp_path / "run"
     folder.mkdir()
@@ -191,6 +191,8 @@ def test_bad_input_is_one_error_line_and_exit_2_with_nothing_written(trained, ca
         argv += ["--epochs", "3"]
     elif case == "not_a_run":
         argv = [str(tmp_path / "missing")]
+    elif case == "bad_config":  # another program's config.json: no backbone setting
+        (folder / "config.json").write_text(json.dumps({"data": "digits"}))
     before = sorted(p.name for p in folder.iterdir())
     try:
         code = main(argv)
@@ -200,6 +202,6 @@ def test_bad_input_is_one_error_line_and_exit_2_with_nothing_written(trained, ca
     assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     expected = {"no_checkpoint": "no checkpoint", "no_backbone": "no backbone", "wrong_arch": "does not match",
                 "label_counts": "5 classes", "protocol": "invalid choice", "epochs_with_knn": "--epochs",
-                "not_a_run": "no such run folder"}[case]
+                "not_a_run": "no such run folder", "bad_config": "is not a fastpred run's config: backbone"}[case]
     assert expected in err[0]
     assert sorted(p.name for p in folder.iterdir()) == before

@@ -11,9 +11,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from fastpred.core import distributed as collective
 from fastpred.eval import extract_features, knn_accuracy, linear_probe_accuracy, linear_probe_scores, shard_range
 from fastpred.eval.knn import knn_votes
-from fastpred.train import distributed as collective
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # many tiny ops: see conftest.py
 

@@ -40,6 +40,9 @@ def test_wheel_holds_fastpred_kernels_and_no_top_level_kernels(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "fastpred/kernels/__init__.py" in names
     assert not [n for n in names if n.startswith("kernels/")]
+    # Every subpackage is listed in pyproject.toml (a new one missing there would be absent from the wheel).
+    packages = {p.relative_to(REPO).as_posix() for p in (REPO / "fastpred").rglob("__init__.py")}
+    assert packages <= set(names), sorted(packages - set(names))
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],

@@ -305,7 +305,7 @@ def test_one_process_and_eval_mode_are_batchnorm_exactly(single_process, data, n
 def test_convert_keeps_state_dict_keys_values_and_tensors():
     from torchvision.models import resnet18
 
-    from fastpred.train.models import build_projector
+    from fastpred.core.models import build_projector
 
     for build in (lambda: resnet18(num_classes=10), lambda: build_projector(32, 64, 16)):
         torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""fastpred.train.models: backbones, projector and predictors built by name."""
+"""fastpred.core.models: backbones, projector and predictors built by name."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torchvision
 from torch import nn
 
 from fastpred import DirectPredictor, LinearPredictor, MLPPredictor, OffDiagonalPredictor
-from fastpred.train.models import BACKBONES, PREDICTORS, build_backbone, build_predictor, build_projector
+from fastpred.core.models import BACKBONES, PREDICTORS, build_backbone, build_predictor, build_projector
 
 FEAT_DIMS = {"small_cnn": 128, "resnet18_small": 512, "resnet18": 512, "resnet50": 2048}
 

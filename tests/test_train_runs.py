@@ -163,7 +163,7 @@ def test_checkpoint_backbone_loads_into_torchvision(tmp_path):
     model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
     model.maxpool = nn.Identity()
     model.load_state_dict(state["backbone"])  # strict: every key, no prefix
-    from fastpred.train.models import build_backbone
+    from fastpred.core.models import build_backbone
 
     ours = build_backbone("resnet18_small")[0]
     ours.load_state_dict(state["backbone"])

@@ -36,8 +36,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fastpred.train.distributed import DEFAULT_TIMEOUT_MIN
-    from fastpred.train.models import BACKBONES
+    from fastpred.core.distributed import DEFAULT_TIMEOUT_MIN
+    from fastpred.core.models import BACKBONES
 
     p = _Parser(prog="python -m fastpred.eval", description=__doc__.split("\n\n")[1].replace("\n", " "))
     p.add_argument("run_dir", metavar="RUN_DIR",
@@ -72,13 +72,6 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except (EvalError, DataError) as e:
         return _error(e)
-    except ValueError as e:  # the trainer's ConfigError / RunError for a config.json this version cannot read
-        from fastpred.train.config import ConfigError
-        from fastpred.train.run_dir import RunError
-
-        if not isinstance(e, (ConfigError, RunError)):
-            raise
-        return _error(e)
 
 
 def _error(e: Exception) -> int:
@@ -105,9 +98,8 @@ def _check_flags(args) -> None:
 
 
 def _run(args) -> int:
-    from fastpred.eval.source import load_backbone, read_backbone_state
-    from fastpred.train import config as train_config
-    from fastpred.train import distributed as collective
+    from fastpred.core import distributed as collective
+    from fastpred.eval.source import load_backbone, read_backbone_state, read_run_settings
 
     _check_flags(args)
     run_dir = Path(args.run_dir)
@@ -117,7 +109,7 @@ def _run(args) -> int:
         raise EvalError(f"no such run folder: {run_dir}")
     cfg = None
     if (run_dir / "config.json").is_file():
-        cfg = train_config.from_json((run_dir / "config.json").read_text())
+        cfg = read_run_settings(run_dir / "config.json")
     checkpoint = args.checkpoint or run_dir / "checkpoint.pt"
     if args.checkpoint is None and not checkpoint.is_file():
         raise EvalError(f"{run_dir} holds no checkpoint.pt (a run writes one after its first epoch); "
@@ -234,7 +226,7 @@ def _evaluate(args, cfg, run_dir, checkpoint, step, arch, backbone, feat_dim, ra
         "world_size": world_size, "seconds": round(time.perf_counter() - started, 1),
     })
     if rank == 0:
-        from fastpred.train.run_dir import atomic_write
+        from fastpred.core.files import atomic_write
 
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / f"eval-{args.protocol}.json"

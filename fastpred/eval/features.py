@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fastpred.core import distributed as collective
 from fastpred.data.errors import DataError
-from fastpred.train import distributed as collective
 
 #: Small images are probed whole; ImageNet-sized ones through the usual resize-256, centre-crop-224.
 SMALL_IMAGE_MAX = 96

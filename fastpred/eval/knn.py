@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastpred.core import distributed as collective
 from fastpred.eval.features import labelled_pair, over_ranks
 from fastpred.numerics import full_fp32_matmul
-from fastpred.train import distributed as collective
 
 
 def knn_accuracy(

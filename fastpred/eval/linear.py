@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastpred.core import distributed as collective
+from fastpred.core.files import atomic_file, load_data
+from fastpred.core.lars import LARS
 from fastpred.data.loader import _FFCVLoader
 from fastpred.eval.features import ProbeSets, eval_mode, extract_features, frozen_features
 from fastpred.eval.probe import topk_correct
 from fastpred.eval.source import EvalError
-from fastpred.train import distributed as collective
-from fastpred.train.optim import LARS
-from fastpred.train.run_dir import atomic_file, load_data
 
 LINEAR_FORMAT = "fastpred-eval-linear-1"
 #: The published (batch, base learning rate) of each optimizer; the learning rate is base x batch / 256.

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastpred.core import distributed as collective
 from fastpred.eval.features import labelled_pair, over_ranks
-from fastpred.train import distributed as collective
 
 _EVAL_CHUNK = 8192  # test rows standardised and scored at a time: no standardised copy of the features
 

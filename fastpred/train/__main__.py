@@ -20,17 +20,10 @@ import os
 import sys
 import warnings
 
+from fastpred.core.files import WriteError
 from fastpred.data.errors import DataError
 from fastpred.train import config as train_config
-from fastpred.train.run_dir import (
-    Diverged,
-    RunDir,
-    RunError,
-    WriteError,
-    default_folder,
-    environment,
-    holds_run,
-)
+from fastpred.train.run_dir import Diverged, RunDir, RunError, default_folder, environment, holds_run
 
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_WRITE_FAILED = 2, 3, 4
 
@@ -57,7 +50,7 @@ def _error_once(e: Exception) -> None:
 
 
 def _run(given: dict) -> int:
-    from fastpred.train import distributed
+    from fastpred.core import distributed
     from fastpred.train.loop import Stopped, Trainer
 
     how = "new"  # new, resume (--resume), auto-resume, restart (--auto-resume on a run that has no checkpoint yet)

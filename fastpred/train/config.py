@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass
 
-from fastpred.train.models import BACKBONES, PREDICTORS
+from fastpred.core.models import BACKBONES, PREDICTORS
 from fastpred.train.optim import OPTIMIZERS, SCHEDULES
 
 

@@ -16,9 +16,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from fastpred.core.distributed import barrier
 from fastpred.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize_ref
 from fastpred.data.errors import DataError
-from fastpred.train.distributed import barrier
 
 #: Every HELD_OUT_EVERY-th image of a training file is held out for the probes when no --val is given.
 HELD_OUT_EVERY = 10

@@ -24,12 +24,13 @@ import torch.nn.functional as nnf
 from torch import nn
 
 from fastpred import threads
+from fastpred.core import distributed
+from fastpred.core.files import WriteError, writing
+from fastpred.core.models import build_backbone, build_predictor, build_projector
 from fastpred.data.augment import BYOLAugment
 from fastpred.eval import extract_features, knn_accuracy, linear_probe_accuracy
 from fastpred.train import data as train_data
-from fastpred.train import distributed
 from fastpred.train.config import Config
-from fastpred.train.models import build_backbone, build_predictor, build_projector
 from fastpred.train.optim import (
     build_optimizer,
     ema_update_,
@@ -41,7 +42,7 @@ from fastpred.train.optim import (
     with_predictor_group,
 )
 from fastpred.train.probes import OnlineProbe
-from fastpred.train.run_dir import CHECKPOINT_FORMAT, Diverged, RunDir, RunError, WriteError, kept_name, writing
+from fastpred.train.run_dir import CHECKPOINT_FORMAT, Diverged, RunDir, RunError, kept_name
 from fastpred.train.spectrum import SpectrumRecorder
 from fastpred.train.sync_bn import convert_sync_batchnorm
 from fastpred.train.tensorboard import TensorBoardLog

@@ -18,8 +18,8 @@ the state dicts leave out, by module), probe, optimizer, rng, spectrum, totals. 
 torchvision model it names with `fc = nn.Identity()` (`resnet18_small`: also conv1 = 3x3 stride 1 and maxpool =
 Identity). No checkpoint holds a non-finite value: the trainer checks the state before it writes one.
 
-Every write goes through `atomic_file` (or appends a line), so a crash, a kill or a full disk leaves the previous
-file whole; a failed write is one `WriteError` naming the file and the reason.
+Every write goes through `atomic_file` (`fastpred.core.files`) or appends a line, so a crash, a kill or a full disk
+leaves the previous file whole; a failed write is one `WriteError` naming the file and the reason.
 """
 
 from __future__ import annotations
@@ -32,14 +32,13 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 
-from fastpred.train.distributed import barrier
+from fastpred.core.distributed import barrier
+from fastpred.core.files import atomic_file, atomic_write, load_data, writing
 
 CHECKPOINT_FORMAT = "fastpred-checkpoint-1"
 RUN_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl")
@@ -47,11 +46,6 @@ RUN_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl")
 
 class RunError(ValueError):
     """A run folder that cannot be used as asked; the CLI prints it as one line (exit code 2)."""
-
-
-class WriteError(RuntimeError):
-    """The run folder could not be written (disk full, no permission): the CLI prints one line (exit code 4).
-    The file being written is left as it was: atomic writes remove their temporary file."""
 
 
 class Diverged(RuntimeError):
@@ -74,39 +68,6 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """A binary file to write `path` through: a temporary file in the same folder, synced and renamed over
-    `path` once the block succeeds (readers see the old or the new file, never half of one), removed if not."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    with writing(path):
-        with atomic_file(path) as f:
-            f.write(data)
-
-
-@contextlib.contextmanager
-def writing(path: str | os.PathLike, note: str = "") -> Iterator[None]:
-    """Turn an OSError while writing `path` into one WriteError line (`note` follows the reason)."""
-    try:
-        yield
-    except OSError as e:
-        raise WriteError(f"cannot write {path}: {e.strerror or e}{note}") from None
-
-
 class _WriteRecorder:
     """A file wrapper that remembers the OSError of a failed write: torch.save reports a full disk as a
     RuntimeError ("unexpected pos ...") and loses the reason."""
@@ -123,15 +84,6 @@ class _WriteRecorder:
 
     def flush(self) -> None:
         self.f.flush()
-
-
-def load_data(path: str | os.PathLike, error: type[Exception], what: str = ""):
-    """torch.load of a file from elsewhere as data, never code (``weights_only=True``), on the CPU; any failure is
-    one line of `error`: "cannot read {what}{path}: <first line of the reason>"."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling raises many types for a damaged or foreign file
-        raise error(f"cannot read {what}{path}: {str(e).splitlines()[0]}") from None
 
 
 class RunDir:

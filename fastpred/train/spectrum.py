@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastpred.core.files import atomic_file
 from fastpred.direct import DirectPredictor
-from fastpred.train.run_dir import atomic_file
 from fastpred.trained import LinearPredictor, OffDiagonalPredictor
 
 #: Arrays of `spectrum.npz`, one row per record step; those that are not defined for a run are left out.
