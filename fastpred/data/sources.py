@@ -1,5 +1,6 @@
 """Indexable image sources for the .beton writer: ImageFolder trees, torchvision's CIFAR-10 / STL-10 folders,
-and scikit-learn's 8x8 digits. Each source yields `(image, label)` with image a uint8 (H, W, 3) array."""
+MNIST-family IDX folders (`fastpred.data.idx`) and scikit-learn's 8x8 digits. Each source yields `(image, label)`
+with image a uint8 (H, W, 3) array."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from fastpred.data.errors import DataError
+from fastpred.data.idx import idx_source, is_idx_folder
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DIGITS_SIZE = 32  # 8x8 digits are upsampled 4x (nearest) so that random resized crops have pixels to work with
@@ -183,7 +185,8 @@ def digits(split: str = "train") -> ArraySource:
 
 
 def open_source(src: str, split: str | None = None):
-    """`digits`, a CIFAR-10 or STL-10 folder as torchvision downloads it (or its parent), or an ImageFolder tree."""
+    """`digits`, a CIFAR-10 or STL-10 folder as torchvision downloads it (or its parent), a folder of the MNIST
+    family's IDX files (MNIST, Fashion-MNIST, KMNIST), or an ImageFolder tree."""
     if src == "digits":
         return digits(split or "train")
     path = Path(src)
@@ -197,8 +200,11 @@ def open_source(src: str, split: str | None = None):
     for folder in (path / "stl10_binary", path):
         if (folder / "train_X.bin").is_file():
             return _stl10(folder, split or "train")
+    if is_idx_folder(path):
+        return idx_source(path, split or "train")
     if split is not None:
-        raise DataError("--split applies to CIFAR-10, STL-10 and digits; for an ImageFolder pass the split's folder")
+        raise DataError("--split applies to CIFAR-10, STL-10, MNIST-family (IDX) folders and digits; for an "
+                        "ImageFolder pass the split's folder")
     source = ImageFolderSource(path)
     if not source.classes:
         raise DataError(f"no class folders in {src} (expected SRC/<class>/<image>)")

@@ -1,4 +1,4 @@
-"""Write a .beton from an ImageFolder tree, CIFAR-10 / STL-10 folders, or the embedded digits.
+"""Write a .beton from an ImageFolder tree, CIFAR-10 / STL-10 / MNIST-family (IDX) folders, or the embedded digits.
 
     python -m fastpred.data.write SRC OUT.beton [--max-resolution 500] [--jpeg-quality 90]
         [--compress-probability 0.5] [--workers N] [--split train] [--skip-bad] [--force]
@@ -349,12 +349,14 @@ def main(argv: list[str] | None = None) -> int:
         "nearest; splits train = 4/5, test = every 5th, all); a CIFAR-10 folder as torchvision stores it "
         "(cifar-10-batches-py or its parent; splits train, test; read without running any code the batches may "
         "hold); an STL-10 folder (stl10_binary or its parent; splits train, test, unlabeled, train+unlabeled; "
-        "unlabeled images get label -1); or an ImageFolder tree SRC/<class>/<image> as ImageNet's train/ and val/ "
-        "(labels in sorted class order).",
+        "unlabeled images get label -1); a folder of the MNIST family's IDX files (MNIST, Fashion-MNIST, KMNIST: "
+        "train-images-idx3-ubyte[.gz], t10k-..., or the train-images.idx3-ubyte spelling; splits train, test; grey "
+        "images stored as three equal channels); or an ImageFolder tree SRC/<class>/<image> as ImageNet's train/ "
+        "and val/ (labels in sorted class order).",
     )
-    p.add_argument("src", metavar="SRC", help="digits | CIFAR-10 / STL-10 folder | ImageFolder root")
+    p.add_argument("src", metavar="SRC", help="digits | CIFAR-10 / STL-10 / IDX folder | ImageFolder root")
     p.add_argument("out", metavar="OUT.beton", help="output file (written to a temporary file, then renamed)")
-    p.add_argument("--split", default=None, help="split for digits / CIFAR-10 / STL-10 (default: train)")
+    p.add_argument("--split", default=None, help="split for digits / CIFAR-10 / STL-10 / IDX (default: train)")
     p.add_argument(
         "--max-resolution", type=int, default=DEFAULT_MAX_RESOLUTION,
         help=f"shrink so the longer side is at most this (default {DEFAULT_MAX_RESOLUTION}, ffcv-imagenet's "

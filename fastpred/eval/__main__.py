@@ -1,9 +1,10 @@
-"""python -m fastpred.eval RUN_DIR [--protocol knn|probe|linear] [--data TRAIN.beton --val VAL.beton] [--epochs N]
-[--checkpoint PATH] [--arch NAME] [...]; one process, or every rank under torchrun.
+"""python -m fastpred.eval RUN_DIR [--protocol knn|probe|linear] [--data TRAIN.beton --val VAL.beton | --data NAME]
+[--epochs N] [--checkpoint PATH] [--arch NAME] [...]; one process, or every rank under torchrun.
 
 Evaluates the backbone of RUN_DIR/checkpoint.pt (or of --checkpoint: a fastpred checkpoint or a bare torchvision-
-layout backbone state dict) on the run's own training and held-out sets, as the trainer's probes use them, or on
---data and --val, and writes RUN_DIR/eval-<protocol>.json:
+layout backbone state dict) on the run's own training and held-out sets, as the trainer's probes use them, on
+--data and --val, or on the train and test splits of a named source (--data digits or fashion-mnist), and writes
+RUN_DIR/eval-<protocol>.json:
 
 - knn: the trainer's weighted kNN (k = 20, temperature 0.07) of the held-out images against the training images;
 - probe: the trainer's final probe, logistic regression on standardised frozen features (the official DirectPred
@@ -43,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR",
                    help="a run folder (checkpoint.pt, config.json); eval-<protocol>.json is written there")
     p.add_argument("--protocol", choices=PROTOCOLS, default="knn", help="default: knn")
-    p.add_argument("--data", metavar="TRAIN.beton", help="images the probe or classifier is fitted on (with --val)")
+    p.add_argument("--data", metavar="TRAIN.beton",
+                   help="images the probe or classifier is fitted on (with --val), or a named source (digits, "
+                   "fashion-mnist): its train split, scored on its test split")
     p.add_argument("--val", metavar="VAL.beton", help="images it is scored on (with --data)")
     p.add_argument("--epochs", type=int,
                    help="probe: default the run's --final-probe-epochs (100); linear: default 90, as published")
@@ -86,7 +89,12 @@ def _check_flags(args) -> None:
         raise EvalError(f"--{given[0].replace('_', '-')} applies only with --protocol linear")
     if args.epochs is not None and args.protocol == "knn":
         raise EvalError("--epochs applies to --protocol probe and linear; the kNN has no training")
-    if (args.data is None) != (args.val is None):
+    from fastpred.train.data import NAMED_SOURCES
+
+    if args.data in NAMED_SOURCES:
+        if args.val is not None:
+            raise EvalError(f"--data {args.data} is scored on its own test split; --val goes with --data TRAIN.beton")
+    elif (args.data is None) != (args.val is None):
         raise EvalError("--data and --val go together: the training and the held-out .beton")
     for name in ("epochs", "batch_size", "resolution", "stop_after"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -164,7 +172,9 @@ def _evaluate(args, cfg, run_dir, checkpoint, step, arch, backbone, feat_dim, ra
     workers = args.workers if args.workers is not None else (cfg.workers if cfg is not None else -1)
     batch = max(cfg.batch_size, 256) if cfg is not None else 256  # the trainer's probe batch (and shard alignment)
     seed = cfg.seed if cfg is not None else 0
-    if args.data is not None:
+    if args.data in train_data.NAMED_SOURCES:
+        split = train_data.named_split(args.data, rank)
+    elif args.data is not None:
         split = train_data.Split(Path(args.data), Path(args.val), None, None, args.val)
     else:
         split = train_data.held_out_split(cfg, rank)

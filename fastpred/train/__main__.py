@@ -1,4 +1,5 @@
-"""python -m fastpred.train [--data PATH.beton | digits | synthetic] [--preset NAME] [--resume RUN_DIR] [flags]
+"""python -m fastpred.train [--data PATH.beton | digits | fashion-mnist | synthetic] [--preset NAME]
+[--resume RUN_DIR] [flags]
 
 Without --data: BYOL with DirectPred on the embedded 8x8 digits, on whatever device there is, ending with the
 held-out linear-probe accuracy of the trained backbone and of the same backbone at random initialisation.

@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass
 
 from fastpred.core.models import BACKBONES, PREDICTORS
+from fastpred.train.data import NAMED_SOURCES
 from fastpred.train.optim import OPTIMIZERS, SCHEDULES
 
 
@@ -26,8 +27,8 @@ class ConfigError(ValueError):
 @dataclass
 class Config:
     # --- what to train
-    data: str = "digits"  # a .beton path, "digits" (embedded default) or "synthetic" (random images, no loader)
-    val: str | None = None  # held-out .beton for the probes; default: the digits test split, or a training slice
+    data: str = "digits"  # a .beton path, digits (embedded default), fashion-mnist or synthetic (random images)
+    val: str | None = None  # held-out .beton for the probes; default: a named source's test split, or a training slice
     preset: str = "digits"  # the settings below, as published for that data set (every flag overrides them)
     method: str = "byol"  # byol (EMA target) or simsiam (the online network, stop-gradient, is the target)
     predictor: str = "directpred"  # directpred, directcopy, linear, mlp, offdiag or none
@@ -121,8 +122,8 @@ _APPLIES: dict[str, tuple[str, typing.Callable[[Config], bool]]] = {
     "pred_reg": ("--predictor linear", lambda c: c.predictor == "linear"),
     "target_ema": ("--method byol", lambda c: c.method == "byol"),
     "target_ema_schedule": ("--method byol", lambda c: c.method == "byol"),
-    "val": ("--data PATH.beton", lambda c: c.data not in ("digits", "synthetic")),
-    "workers": ("a .beton or the digits (not --data synthetic)", lambda c: c.data != "synthetic"),
+    "val": ("--data PATH.beton", lambda c: c.data not in (*NAMED_SOURCES, "synthetic")),
+    "workers": ("a .beton or a named source (not --data synthetic)", lambda c: c.data != "synthetic"),
     "synthetic_steps": ("--data synthetic", lambda c: c.data == "synthetic"),
 }
 
