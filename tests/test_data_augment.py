@@ -10,7 +10,9 @@ from fastpred.data.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     BYOLAugment,
+    ColorAugment,
     blur_kernel_size,
+    byol_augment_batched,
     byol_augment_fused,
     byol_augment_ref,
     gaussian_blur_ref,
@@ -74,6 +76,48 @@ def test_every_op_order_and_flag_combination():
     expected = torch.stack([torchvision_one(x[i], p, i, 3) for i in range(n)])
     torch.testing.assert_close(byol_augment_ref(x, p), expected, atol=3e-5, rtol=1e-5)
     torch.testing.assert_close(byol_augment_fused(x, p), expected, atol=3e-5, rtol=1e-5)
+
+
+def grey_images(n, h, w, channels_last, seed=0):
+    """Three equal channels, as MNIST-like sets are stored: the batched path's one-channel case."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randint(0, 256, (n, h, w, 1), dtype=torch.uint8, generator=g)
+    v[:, : h // 3, : w // 3] = 200  # a flat patch: contrast's mean and the clamps
+    v[:, -2:] = 255
+    x = v.expand(-1, -1, -1, 3)
+    return x.permute(0, 3, 1, 2) if channels_last else x.permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.mark.parametrize("kind", ["grey", "colour", "mixed"])
+@pytest.mark.parametrize("n,h,w,channels_last", [(1, 16, 16, False), (7, 17, 23, True), (9, 28, 28, True)])
+@pytest.mark.parametrize("view", [(1.0, 0.0), (0.5, 0.5)])
+def test_batched_matches_the_reference(kind, n, h, w, channels_last, view):
+    grey, colour = grey_images(n, h, w, channels_last, seed=n), images(n, h, w, channels_last, seed=n)
+    x = {"grey": grey, "colour": colour, "mixed": torch.where((torch.arange(n) % 3 == 0).view(-1, 1, 1, 1),
+                                                               grey, colour)}[kind]
+    p = sample_params(n, p_blur=view[0], p_solarize=view[1], generator=torch.Generator().manual_seed(7 + n))
+    out = byol_augment_batched(x, p)
+    assert out.dtype == torch.float32 and out.shape == (n, 3, h, w)
+    # Same ops in the same order per pixel: equal to the reference, not merely close.
+    torch.testing.assert_close(out, byol_augment_ref(x, p), atol=1e-6, rtol=1e-6)
+
+
+def test_batched_grey_every_op_order_against_torchvision():
+    n = 48
+    x = grey_images(n, 12, 12, True, seed=5)
+    p = sample_params(n, p_jitter=1.0, p_gray=0.5, p_blur=0.5, p_solarize=0.5,
+                      generator=torch.Generator().manual_seed(6))
+    p["order"] = torch.tensor([list(o) for o in __import__("itertools").permutations(range(4))] * 2)
+    expected = torch.stack([torchvision_one(x[i], p, i, 3) for i in range(n)])
+    torch.testing.assert_close(byol_augment_batched(x, p), expected, atol=3e-5, rtol=1e-5)
+
+
+def test_auto_backend_is_the_batched_path_on_the_cpu():
+    x = grey_images(6, 20, 20, True, seed=2)
+    p = sample_params(6, p_blur=0.5, generator=torch.Generator().manual_seed(3))
+    ref = byol_augment_ref(x, p)
+    for backend in ("auto", "batched", "torch"):
+        torch.testing.assert_close(ColorAugment(backend=backend)(x, p), ref, atol=1e-6, rtol=1e-6)
 
 
 def test_params_are_per_sample_with_requested_rates():
@@ -161,7 +205,7 @@ try:
     raise SystemExit("backend='triton' ran on CPU tensors without the interpreter")
 except ValueError as e:
     assert "TRITON_INTERPRET=1" in str(e) and "\\n" not in str(e), e
-print(tuple(ColorAugment()(x).shape))  # "auto" is torch on the CPU
+print(tuple(ColorAugment()(x).shape))  # "auto" is the batched torch path on the CPU
 """
 
 
