@@ -35,9 +35,10 @@ from bench.formulations import OfficialStep
 from bench.harness import DEVICE, FULL, measure
 from fastpred.train import config as train_config
 from fastpred.train.data import SYNTHETIC_CLASSES
-from fastpred.train.loop import Trainer, ssl_loss
+from fastpred.train.loop import Trainer
 from fastpred.train.optim import ema_update_
 from fastpred.train.run_dir import RunDir, environment
+from fastpred.train.step import ssl_loss
 
 CUDA = DEVICE.type == "cuda"
 

@@ -17,7 +17,8 @@ from fastpred.alerts import CounterAlert
 from fastpred.core import distributed
 from fastpred.data.augment import BYOLAugment
 from fastpred.train import config as train_config
-from fastpred.train.loop import Trainer, compile_counts
+from fastpred.train.logs import compile_counts
+from fastpred.train.loop import Trainer
 from fastpred.train.run_dir import RunDir
 from fastpred.train.sync_bn import SyncBatchNorm
 

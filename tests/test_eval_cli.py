@@ -24,8 +24,9 @@ PROBE_EPOCHS = "20"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 2-epoch digits run (kNN every epoch, final probes), counting the trainer's feature extractions."""
-    from fastpred.train import loop
     from fastpred.train.__main__ import main as train_main
+    from fastpred.train.evaluation import EvalCalendar
+    from fastpred.train.loop import Trainer
 
     cache = tmp_path_factory.mktemp("cache")
     run = tmp_path_factory.mktemp("runs") / "run"
@@ -33,13 +34,18 @@ def trained(tmp_path_factory):
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FASTPRED_CACHE", str(cache))
-        original = loop.Trainer._features
+        features, train_step, steps = EvalCalendar.features, Trainer.train_step, [0]
+
+        def counted_step(self, *batch):
+            steps[0] += 1
+            return train_step(self, *batch)
 
         def counted(self, backbone):
-            calls.append(self.step)
-            return original(self, backbone)
+            calls.append(steps[0])
+            return features(self, backbone)
 
-        mp.setattr(loop.Trainer, "_features", counted)
+        mp.setattr(Trainer, "train_step", counted_step)
+        mp.setattr(EvalCalendar, "features", counted)
         argv = ["--epochs", "2", "--final-probe-epochs", PROBE_EPOCHS, "--proj-dim", "16", "--progress", "plain",
                 "--out", str(run)]
         assert train_main(argv) == 0

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastpred.train import loop
+from fastpred.train import guard, loop, step
 from fastpred.train.__main__ import main
 
 pytest.importorskip("ffcv", reason="the trainer's data path needs fastpred[data]")
@@ -58,7 +58,7 @@ def _load(path) -> dict:
 
 
 def _finite(state) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in loop._tensors_in(state) if t.is_floating_point())
+    return all(bool(torch.isfinite(t).all()) for t in guard.tensors_in(state) if t.is_floating_point())
 
 
 def _snapshot(run) -> dict:
@@ -67,14 +67,14 @@ def _snapshot(run) -> dict:
 
 def _nan_loss_at(monkeypatch, steps):
     """The loss value is NaN at these steps (1-based), its gradient unchanged: non-finite losses, finite weights."""
-    real, calls = loop.ssl_loss, [0]
+    real, calls = step.ssl_loss, [0]
 
     def patched(p, t, method):
         calls[0] += 1
         loss = real(p, t, method)
         return loss + float("nan") if calls[0] in steps else loss
 
-    monkeypatch.setattr(loop, "ssl_loss", patched)
+    monkeypatch.setattr(step, "ssl_loss", patched)
 
 
 # --- divergence -----------------------------------------------------------------------------------------------
@@ -110,16 +110,16 @@ def test_the_guard_adds_no_host_wait_to_a_step():
     one device value: neither reads anything on the host (counted as a CUDA synchronisation would be)."""
     from host_syncs import HostSyncCounter
 
-    trainer = object.__new__(loop.Trainer)  # the two attributes the per-step update uses
-    trainer._acc, trainer._guard = torch.zeros(len(loop._ACC)), torch.zeros(2)
-    nonfinite = loop._ACC.index("nonfinite_loss")
+    watch = guard.DivergenceGuard(None, rank=0, limit=3, lr=0.1, device=torch.device("cpu"))
+    watch.start()
+    count = torch.zeros(())  # the interval's count of non-finite losses, as train_step accumulates it
     runs = []
     with HostSyncCounter() as counter:
         for bad in (1, 1, 0, 1, 1, 1):
-            trainer._acc[nonfinite] += bad  # what train_step accumulates
-            trainer._extend_nonfinite_run()
-            runs.append(trainer._guard[0].clone())
-        finite = [loop._all_finite([torch.ones(3), bad], torch.device("cpu"))
+            count += bad
+            watch.after_step(count)
+            runs.append(watch.nonfinite[0].clone())
+        finite = [guard.all_finite([torch.ones(3), bad], torch.device("cpu"))
                   for bad in (torch.zeros(2), torch.tensor([1.0, float("nan")]), torch.tensor([float("-inf")]))]
     assert counter.hits == []
     assert [int(r) for r in runs] == [1, 2, 0, 1, 2, 3]
