@@ -60,8 +60,8 @@ class Trainer(Learner):
     def _num_classes(self) -> int:
         if self.cfg.data == "synthetic":
             return train_data.SYNTHETIC_CLASSES
-        if self.cfg.data == "digits":
-            return 10
+        if self.cfg.data in train_data.NAMED_SOURCES:
+            return train_data.NAMED_SOURCES[self.cfg.data].classes
         return train_data.label_count(self.cfg.data)
 
     def state_dict(self) -> dict:
