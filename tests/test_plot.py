@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-import fastpred.plot
+import fastpred.plot.cli
 from fastpred import DirectPredictor, LinearPredictor
-from fastpred.plot import _make_unique, load_run, main, overview_figure, spectrum_figure
+from fastpred.plot import Run, load_run, main, overview_figure, spectrum_figure
+from fastpred.plot.runs import make_unique
 from fastpred.train.spectrum import SpectrumRecorder
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -149,7 +150,7 @@ def test_three_runs_write_per_run_and_comparison_figures(tmp_path, capsys, runs)
 def test_same_folder_names_and_labels_stay_distinct(tmp_path, runs):
     folders = [shutil.copytree(runs["directpred"], tmp_path / parent / "seed0") for parent in ("x", "y")]
     loaded = [load_run(f) for f in folders + [runs["linear"]]]
-    _make_unique(loaded)
+    make_unique(loaded)
     assert [r.name for r in loaded] == ["seed0", "seed0-2", "linear"]
     assert [r.label for r in loaded] == ["byol + directpred (seed0)", "byol + directpred (seed0-2)", "byol + linear"]
 
@@ -184,7 +185,7 @@ def test_wide_single_record_spectrum_is_subsampled_and_hides_rounding_zeros(tmp_
     d = 300
     s = np.concatenate([np.geomspace(10.0, 0.1, d // 2), np.full(d // 2, 1e-17)])[None]  # rank-deficient F
     spectrum = {"step": np.array([0]), "f_eigs": s.astype(np.float32), "effective_rank": np.array([100.0])}
-    run = fastpred.plot.Run(tmp_path, "wide", "wide", {}, [], [], spectrum, None)
+    run = Run(tmp_path, "wide", "wide", {}, [], [], spectrum, None)
     texts = _texts(spectrum_figure(run))
     assert "eigenvalues of F (101 of 300 shown)" in texts  # every 3rd rank index, and the last
     assert "x largest (zero to rounding) not drawn" in texts
@@ -198,7 +199,7 @@ def test_truncated_last_line_is_skipped_with_a_note(tmp_path, capsys, runs, monk
         f.write('{"kind": "train", "step": 70, "epoch": 3.5, "lo')
     loaded = load_run(run)
     assert len(loaded.train) == complete and "skipped last line" in loaded.notes[0]
-    monkeypatch.setattr(fastpred.plot, "plot_runs", lambda runs, out: [out / "drawn.png"])  # drawing: tested above
+    monkeypatch.setattr(fastpred.plot.cli, "plot_runs", lambda runs, out: [out / "drawn.png"])  # drawing: tested above
     assert main([str(run)]) == 0
     captured = capsys.readouterr()
     assert captured.err.startswith("note: ") and "skipped last line" in captured.err

@@ -1,0 +1,5 @@
+import sys
+
+from fastpred.plot.cli import main
+
+sys.exit(main())
