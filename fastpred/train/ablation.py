@@ -1,10 +1,14 @@
-"""python -m fastpred.train.ablation [--seeds 0 1 2] [--out runs/ablation] [--only NAME ...] [--list]
+"""python -m fastpred.train.ablation [--data digits|fashion-mnist] [--seeds 0 1 2] [--out DIR] [--only NAME ...]
 
-The paper's central ablation on the embedded digits, over several seeds: every (method, predictor) pair, and the
-trained heads with the official DirectPred code's predictor settings (a symmetric linear head, the predictor's own
-learning rate). Each run is `python -m fastpred.train` with the digits preset and the row's flags, in its own
-process, to `OUT/NAME-sSEED`; a run whose summary.json exists is not run again, so an interrupted ablation
-continues where it stopped. Prints a markdown table: mean and spread (min to max) over the seeds.
+The paper's central ablation on a named data set, over several seeds: every (method, predictor) pair that the
+paper compares, and on the digits also the trained heads with the official DirectPred code's predictor settings
+(a symmetric linear head, the predictor's own learning rate). Each run is `python -m fastpred.train` with the data
+set's preset (`--preset NAME` where one exists, else the digits preset) and the row's flags, in its own process,
+to `OUT/NAME-sSEED`, with `--auto-resume`: a run whose summary.json exists is not run again, and one that was
+stopped (a session's end, Ctrl-C) continues from its last checkpoint, so the ablation resumes row by row and
+within a row. `--epochs` gives the table a shorter schedule than the preset's (the table says so).
+`--pixel-baselines` adds the raw-pixel classifiers of `fastpred.train.pixel_baselines` on the same split.
+Prints a markdown table, mean and spread (min to max) over the seeds, and writes it to OUT/table.md.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from pathlib import Path
 
 METHODS = ("simsiam", "byol")
 PREDICTORS = ("none", "directpred", "directcopy", "linear", "mlp", "offdiag")
+#: The paper's comparison (Tian et al. 2021, tables 1-2): BYOL with every head, SimSiam with DirectPred and none.
+PAPER = ("byol-directpred", "byol-directcopy", "byol-linear", "byol-mlp", "byol-offdiag", "byol-none",
+         "simsiam-directpred", "simsiam-none")
 # The trained heads with the official code's settings: its linear head is symmetrised after every step
 # (`predictor_reg: symmetric`) and the predictor can have its own learning rate; x10 is the digits preset's 0.05.
 TUNED = {
@@ -26,27 +33,37 @@ TUNED = {
     "linear-lr10x": ["--predictor", "linear", "--pred-lr", "0.5"],
     "offdiag-lr10x": ["--predictor", "offdiag", "--pred-lr", "0.5"],
 }
-COLUMNS = (("linear_probe_acc", "linear probe", 3), ("knn_acc", "kNN", 3), ("output_std", "output std", 3),
+COLUMNS = (("linear_probe_acc", "linear probe", 3), ("knn_acc", "kNN", 3),
+           ("linear_probe_acc_random_init", "probe at random init", 3), ("output_std", "output std", 3),
            ("effective_rank", "effective rank of F", 2), ("train_time_s", "training s", 0))
 
 
 def rows() -> dict[str, list[str]]:
+    """Every row's trainer flags. The digits keep their full grid (20 rows, as published in docs/benchmarks.md);
+    other data sets run the paper's rows (`PAPER`) unless `--only` names others of the grid."""
     out = {f"{m}-{p}": ["--method", m, "--predictor", p] for m in METHODS for p in PREDICTORS}
     out.update({f"{m}-{name}": ["--method", m, *flags] for m in METHODS for name, flags in TUNED.items()})
     return out
 
 
-def run_one(name: str, flags: list[str], seed: int, out: Path) -> dict:
+def default_rows(data: str) -> list[str]:
+    return list(rows()) if data == "digits" else list(PAPER)
+
+
+def preset_for(data: str) -> str:
+    from fastpred.train.config import PRESETS
+
+    return data if data in PRESETS else "digits"
+
+
+def run_one(name: str, flags: list[str], seed: int, out: Path, *, data: str = "digits",
+            extra: list[str] = ()) -> dict:
     folder = out / f"{name}-s{seed}"
     summary = folder / "summary.json"
     if not summary.exists():
-        if folder.exists():  # an interrupted run: start it again from scratch
-            import shutil
-
-            shutil.rmtree(folder)
-        cmd = [sys.executable, "-m", "fastpred.train", *flags, "--seed", str(seed), "--progress", "plain",
-               "--out", str(folder)]
-        print(f"running {name} seed {seed}", file=sys.stderr, flush=True)
+        cmd = [sys.executable, "-m", "fastpred.train", "--data", data, "--preset", preset_for(data), *flags,
+               *extra, "--seed", str(seed), "--progress", "plain", "--out", str(folder), "--auto-resume"]
+        print(f"running {name} seed {seed}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads(summary.read_text())
 
@@ -61,34 +78,62 @@ def cell(values: list[float], digits: int) -> str:
     return f"{mean:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
-def table(results: dict[str, list[dict]]) -> str:
+def table(results: dict[str, list[dict]], baselines: dict[str, dict] | None = None) -> str:
     head = "| run | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
     lines = [head, "|" + " --- |" * (len(COLUMNS) + 1)]
     for name, summaries in results.items():
         cells = [cell([s.get(key) for s in summaries], digits) for key, _, digits in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for result in (baselines or {}).values():  # one number each: the linear-probe column holds the test accuracy
+        cells = [f"{result['accuracy']:.3f}"] + ["" for _ in COLUMNS[1:-1]] + [f"{result['seconds']:.0f}"]
+        lines.append(f"| raw pixels: {result['settings']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fastpred.data.named import NAMED_SOURCES
+
     parser = argparse.ArgumentParser(prog="python -m fastpred.train.ablation", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--data", default="digits", choices=sorted(NAMED_SOURCES), help="a named data set")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
+    parser.add_argument("--out", type=Path, default=None, help="default runs/ablation (digits), runs/ablation-DATA")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these rows (see --list)")
+    parser.add_argument("--epochs", type=int, default=None, help="a shorter schedule than the preset's")
+    parser.add_argument("--pixel-baselines", action="store_true", help="add scikit-learn's raw-pixel classifiers")
     parser.add_argument("--list", action="store_true", help="print the rows and their flags, run nothing")
     args = parser.parse_args(argv)
     grid = rows()
+    chosen_names = args.only or default_rows(args.data)
     if args.list:
-        print("\n".join(f"{name}: {' '.join(flags)}" for name, flags in grid.items()))
+        print("\n".join(f"{name}: {' '.join(grid[name])}" for name in chosen_names))
         return 0
-    unknown = sorted(set(args.only or ()) - set(grid))
+    unknown = sorted(set(chosen_names) - set(grid))
     if unknown:
-        print(f"error: unknown row(s) {', '.join(unknown)}; see --list", file=sys.stderr)
+        print(f"error: unknown row(s) {', '.join(unknown)}; valid: {', '.join(grid)}", file=sys.stderr)
         return 2
-    chosen = {k: v for k, v in grid.items() if not args.only or k in args.only}
-    results = {name: [run_one(name, flags, seed, args.out) for seed in args.seeds] for name, flags in chosen.items()}
-    print(f"seeds {' '.join(map(str, args.seeds))}: mean (min-max)")
-    print(table(results))
+    if args.epochs is not None and args.epochs < 1:
+        print(f"error: --epochs must be >= 1, got {args.epochs}", file=sys.stderr)
+        return 2
+    out = args.out or Path("runs/ablation" if args.data == "digits" else f"runs/ablation-{args.data}")
+    extra = ["--epochs", str(args.epochs)] if args.epochs is not None else []
+    try:
+        results = {name: [run_one(name, grid[name], seed, out, data=args.data, extra=extra) for seed in args.seeds]
+                   for name in chosen_names}
+    except subprocess.CalledProcessError as e:
+        print(f"error: a run failed (exit {e.returncode}): {' '.join(e.cmd[2:])}; finished rows are kept, the same "
+              "command continues", file=sys.stderr)
+        return 1
+    baselines = None
+    if args.pixel_baselines:
+        from fastpred.train.pixel_baselines import measure
+
+        baselines = measure(args.data, cache=out / "pixel-baselines.json")
+    schedule = f"{args.epochs} epochs (shorter than the preset's)" if args.epochs else "the preset's schedule"
+    text = (f"{args.data}, preset {preset_for(args.data)}, {schedule}; seeds {' '.join(map(str, args.seeds))}: "
+            f"mean (min-max)\n\n{table(results, baselines)}\n")
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(text)
     return 0
 
 
