@@ -29,8 +29,8 @@ BANK, QUERIES = (160_000, 10_000) if CUDA else (20_000, 1_000)
 @pytest.fixture(scope="module")
 def digits_sets(tmp_path_factory):
     pytest.importorskip("ffcv")
+    from fastpred.data.named import digits_betons
     from fastpred.eval.features import ProbeSets
-    from fastpred.train.data import digits_betons
 
     if not os.environ.get("FASTPRED_CACHE"):
         os.environ["FASTPRED_CACHE"] = str(tmp_path_factory.mktemp("cache"))
@@ -52,8 +52,8 @@ class _InMemory:
 @pytest.mark.parametrize("case", ["digits", "synthetic224-resnet50"])
 def test_extract(benchmark, case, request):
     from fastpred.core.models import build_backbone
+    from fastpred.data.augment import normalize_uint8
     from fastpred.eval.features import extract_features
-    from fastpred.train.data import normalize
 
     torch.manual_seed(0)
     if case == "digits":
@@ -68,7 +68,7 @@ def test_extract(benchmark, case, request):
         backbone.to(memory_format=torch.channels_last)
 
     def run():
-        feats, _ = extract_features(backbone, batches, normalize, DEVICE, amp=CUDA)
+        feats, _ = extract_features(backbone, batches, normalize_uint8, DEVICE, amp=CUDA)
         sync()
         return len(feats)
 

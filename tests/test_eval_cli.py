@@ -142,8 +142,8 @@ def test_bare_backbone_state_dict_with_arch(trained, cache_env, tmp_path):
 
 def test_each_rank_reads_a_disjoint_shard_and_together_every_image(trained, cache_env):
     from fastpred.core.models import build_backbone
+    from fastpred.data.augment import normalize_uint8
     from fastpred.eval.features import ProbeSets, extract_features
-    from fastpred.train import data as train_data
 
     torch.manual_seed(0)
     backbone = build_backbone("small_cnn")[0]
@@ -159,8 +159,8 @@ def test_each_rank_reads_a_disjoint_shard_and_together_every_image(trained, cach
         read = [s.loader(name)._loader._loader.traversal_order.sample_order(0) for s in shards]
         assert all(len(r) > 0 for r in read) and not set(read[0]) & set(read[1])
         assert np.array_equal(np.concatenate(read), whole.indices[name])
-        feats = [extract_features(backbone, s.loader(name), train_data.normalize, "cpu") for s in shards]
-        one = extract_features(backbone, whole.loader(name), train_data.normalize, "cpu")
+        feats = [extract_features(backbone, s.loader(name), normalize_uint8, "cpu") for s in shards]
+        one = extract_features(backbone, whole.loader(name), normalize_uint8, "cpu")
         assert torch.equal(torch.cat([f[0] for f in feats]), one[0])  # the same batches: bitwise the same
         assert torch.equal(torch.cat([f[1] for f in feats]), one[1])
 

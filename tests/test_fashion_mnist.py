@@ -175,7 +175,7 @@ def test_write_cli_test_split_of_an_idx_folder(real_subset, tmp_path, capsys):
 def test_named_source_cache_is_keyed_by_its_files(subset_dir, tmp_path, monkeypatch, capsys):
     pytest.importorskip("ffcv", reason="writing a .beton needs fastpred[data]")
     from fastpred.data.loader import check_beton
-    from fastpred.train.data import NAMED_SOURCES, _cache_key, named_betons
+    from fastpred.data.named import NAMED_SOURCES, _cache_key, named_betons
 
     monkeypatch.setenv("FASTPRED_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("FASHION_MNIST_DIR", str(subset_dir))

@@ -146,6 +146,16 @@ def normalize_ref(x: torch.Tensor, mean, std) -> torch.Tensor:
     return torch.stack([(x[:, c] - float(mean[c])) / float(std[c]) for c in range(3)], dim=1)
 
 
+_MEAN_255 = tuple(255 * m for m in IMAGENET_MEAN)  # the training views' normalisation, on uint8 values
+_STD_255 = tuple(255 * s for s in IMAGENET_STD)
+
+
+def normalize_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 normalised like the training views, without augmentation: the preprocessing
+    of the probes and of `python -m fastpred.eval`."""
+    return normalize_ref(x.float(), _MEAN_255, _STD_255)
+
+
 def solarize_normalize_ref(x: torch.Tensor, solarize: torch.Tensor, mean, std) -> torch.Tensor:
     """Per-sample solarize, then `normalize_ref`."""
     return normalize_ref(_solarize(x, solarize), mean, std)

@@ -89,7 +89,7 @@ def _check_flags(args) -> None:
         raise EvalError(f"--{given[0].replace('_', '-')} applies only with --protocol linear")
     if args.epochs is not None and args.protocol == "knn":
         raise EvalError("--epochs applies to --protocol probe and linear; the kNN has no training")
-    from fastpred.train.data import NAMED_SOURCES
+    from fastpred.data.named import NAMED_SOURCES
 
     if args.data in NAMED_SOURCES:
         if args.val is not None:
@@ -161,10 +161,12 @@ def _run(args) -> int:
 def _evaluate(args, cfg, run_dir, checkpoint, step, arch, backbone, feat_dim, rank, world_size, device) -> int:
     import torch
 
+    from fastpred.data.augment import normalize_uint8
+    from fastpred.data.named import NAMED_SOURCES
+    from fastpred.data.split import Split, held_out_split, named_split
     from fastpred.eval.features import ProbeSets, extract_features
     from fastpred.eval.knn import knn_accuracy
     from fastpred.eval.probe import linear_probe_scores
-    from fastpred.train import data as train_data
 
     started = time.perf_counter()
     small = arch in ("small_cnn", "resnet18_small")
@@ -172,12 +174,12 @@ def _evaluate(args, cfg, run_dir, checkpoint, step, arch, backbone, feat_dim, ra
     workers = args.workers if args.workers is not None else (cfg.workers if cfg is not None else -1)
     batch = max(cfg.batch_size, 256) if cfg is not None else 256  # the trainer's probe batch (and shard alignment)
     seed = cfg.seed if cfg is not None else 0
-    if args.data in train_data.NAMED_SOURCES:
-        split = train_data.named_split(args.data, rank)
+    if args.data in NAMED_SOURCES:
+        split = named_split(args.data, rank)
     elif args.data is not None:
-        split = train_data.Split(Path(args.data), Path(args.val), None, None, args.val)
+        split = Split(Path(args.data), Path(args.val), None, None, args.val)
     else:
-        split = train_data.held_out_split(cfg, rank)
+        split = held_out_split(cfg.data, cfg.val, rank)
     sets = ProbeSets(split.train, split.train_indices, split.val, split.val_indices, resolution=resolution,
                      batch_size=batch, workers=workers, device=device, rank=rank, world_size=world_size)
     if sets.num_classes["train"] != sets.num_classes["val"]:
@@ -189,7 +191,7 @@ def _evaluate(args, cfg, run_dir, checkpoint, step, arch, backbone, feat_dim, ra
     if cuda:
         backbone.to(memory_format=torch.channels_last)
     amp = cuda and (cfg.amp if cfg is not None else True)
-    preprocess = train_data.normalize
+    preprocess = normalize_uint8
     result: dict = {"protocol": args.protocol}
     if args.protocol in ("knn", "probe"):
         train = extract_features(backbone, sets.loader("train"), preprocess, device, amp=amp, feat_dim=feat_dim)
@@ -261,7 +263,7 @@ def _on_rank0(rank: int):
 
 
 def _subset(split, name: str) -> str:
-    from fastpred.train.data import HELD_OUT_EVERY
+    from fastpred.data.split import HELD_OUT_EVERY
 
     indices = split.train_indices if name == "train" else split.val_indices
     if indices is None:

@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass
 
 from fastpred.core.models import BACKBONES, PREDICTORS
-from fastpred.train.data import NAMED_SOURCES
+from fastpred.data.named import NAMED_SOURCES
 from fastpred.train.optim import OPTIMIZERS, SCHEDULES
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastpred.data.augment import normalize_uint8
 from fastpred.eval import extract_features, knn_accuracy, linear_probe_accuracy
 from fastpred.train.config import Config
-from fastpred.train.data import Sources, normalize
+from fastpred.train.data import Sources
 from fastpred.train.step import backbone_at_init
 
 
@@ -61,9 +62,9 @@ class EvalCalendar:
 
     def features(self, backbone: nn.Module) -> tuple:
         """((train features, labels), (held-out features, labels)): this rank's shards, fp32 on the device."""
-        train = extract_features(backbone, self.sources.probe_train(), normalize, self.device, amp=self.amp,
+        train = extract_features(backbone, self.sources.probe_train(), normalize_uint8, self.device, amp=self.amp,
                                  feat_dim=self.feat_dim)
-        val = extract_features(backbone, self.sources.probe_val(), normalize, self.device, amp=self.amp,
+        val = extract_features(backbone, self.sources.probe_val(), normalize_uint8, self.device, amp=self.amp,
                                feat_dim=self.feat_dim)
         return train, val
 

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from fastpred import threads
+from fastpred.data.named import NAMED_SOURCES
 from fastpred.train import data as train_data
 from fastpred.train.checkpoint import CheckpointWriter, load_state_dict, state_dict
 from fastpred.train.config import Config
@@ -60,9 +61,9 @@ class Trainer(Learner):
     def _num_classes(self) -> int:
         if self.cfg.data == "synthetic":
             return train_data.SYNTHETIC_CLASSES
-        if self.cfg.data in train_data.NAMED_SOURCES:
-            return train_data.NAMED_SOURCES[self.cfg.data].classes
-        return train_data.label_count(self.cfg.data)
+        if self.cfg.data in NAMED_SOURCES:
+            return NAMED_SOURCES[self.cfg.data].classes
+        return self.sources.probes.num_classes["train"]  # read with the probes' labels: the file is opened once
 
     def state_dict(self) -> dict:
         """The checkpoint of this trainer (`fastpred.train.checkpoint`)."""
