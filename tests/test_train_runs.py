@@ -169,3 +169,31 @@ def test_checkpoint_backbone_loads_into_torchvision(tmp_path):
     ours.load_state_dict(state["backbone"])
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(model.eval()(x), ours.eval()(x), rtol=0, atol=0)
+
+
+def test_a_trainer_start_validates_each_file_once(tmp_path, cache, monkeypatch):
+    """The held-out split, the class count, the training views and the probes' labels all need a checked .beton;
+    each file is validated (opened, its header and tables read) once per process, whatever the split."""
+    from fastpred.data import loader
+    from fastpred.data.named import named_betons
+    from fastpred.train import config as train_config
+    from fastpred.train.loop import Trainer
+    from fastpred.train.run_dir import RunDir
+
+    monkeypatch.setenv("FASTPRED_CACHE", cache)
+    train, test = (str(p) for p in named_betons("digits"))
+    validate, validated = loader._validate_beton, []
+    monkeypatch.setattr(loader, "_validate_beton", lambda path, fields: validated.append(path) or validate(path, fields))
+    threads = torch.get_num_threads()
+    try:
+        for given, files in (({"data": "digits"}, [train, test]), ({"data": train}, [train]),
+                             ({"data": train, "val": test}, [train, test])):
+            monkeypatch.setattr(loader, "_VALIDATED", {})  # as in a new process
+            validated.clear()
+            cfg = train_config.resolve({**given, "workers": 1})
+            trainer = Trainer(cfg, RunDir(tmp_path / "run", writer=False), rank=0, world_size=1,
+                              device=torch.device("cpu"))
+            assert sorted(validated) == sorted(files), given
+            assert trainer.probe.head.out_features == 10  # the class count, from the probes' labels
+    finally:
+        torch.set_num_threads(threads)

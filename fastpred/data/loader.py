@@ -27,11 +27,25 @@ def _check_path(path: str | os.PathLike) -> str:
     return path
 
 
+#: Files validated in this process: (device, inode, size, modification time, fields) -> number of samples.
+_VALIDATED: dict[tuple, int] = {}
+
+
 def check_beton(path: str | os.PathLike, fields: dict[str, str]) -> int:
     """Validate `path` before FFCV sees it (FFCV answers garbage with numpy errors or huge allocations).
 
-    `fields` maps field name -> FFCV field class name. Returns the number of samples."""
+    `fields` maps field name -> FFCV field class name. Returns the number of samples. Each file is validated once
+    per process: the split, the loaders and the probes of a run all ask, and opening a large file's tables takes
+    seconds; a file replaced or rewritten since (another inode, size or modification time) is validated again."""
     path = _check_path(path)
+    stat = os.stat(path)
+    key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, tuple(sorted(fields.items())))
+    if key not in _VALIDATED:
+        _VALIDATED[key] = _validate_beton(path, fields)
+    return _VALIDATED[key]
+
+
+def _validate_beton(path: str, fields: dict[str, str]) -> int:
     require_ffcv()
     from ffcv.reader import Reader
     from ffcv.types import CURRENT_VERSION, HeaderType

@@ -156,8 +156,11 @@ class ProbeSets:
         self.crop_ratio = 1.0 if resolution <= SMALL_IMAGE_MAX else 224 / 256
         self.indices: dict[str, np.ndarray] = {}
         self.num_classes: dict[str, int] = {}
+        read: dict[Path, np.ndarray] = {}  # a training file and its held-out slice are one file: read once
         for name, subset in (("train", train_indices), ("val", val_indices)):
-            labels = beton_labels(self.paths[name])
+            if self.paths[name] not in read:
+                read[self.paths[name]] = beton_labels(self.paths[name])
+            labels = read[self.paths[name]]
             idx = np.arange(len(labels)) if subset is None else np.asarray(subset, dtype=np.int64)
             idx = idx[labels[idx] >= 0]
             if len(idx) == 0:
