@@ -2,7 +2,8 @@
 torchvision ImageFolder + DataLoader + PIL; and the per-sample augmentations vs torchvision per sample.
 
 Same JPEGs and cores for all: 2000 generated ImageNet-sized JPEGs by default (FASTPRED_BENCH_IMAGES to change;
-generating them takes ~20 s on 2 cores). Results: extra_info["images_per_s"].
+generating them takes ~20 s on 2 cores). Results: extra_info["images_per_s"]. For a set that fits in memory
+(28-pixel raw images, FASTPRED_BENCH_SMALL_IMAGES of them), the FFCV loader against the device-resident views.
 """
 
 import os
@@ -126,6 +127,47 @@ def test_two_view_loading(benchmark, impl, beton, jpeg_tree):
     benchmark.extra_info.update(
         images_per_s=n / benchmark.stats.stats.mean, images=n, workers=WORKERS, res=RES, device="cpu"
     )
+
+
+# A set that fits in memory (Fashion-MNIST's shape: 28 x 28, raw pixels): FFCV's loader against the device-resident
+# views, one epoch of batch-256 two-view batches each. Random pixels: a raw image costs the same whatever it shows.
+SMALL_N = int(os.environ.get("FASTPRED_BENCH_SMALL_IMAGES", "10000"))
+SMALL_RES, SMALL_BATCH = 28, 256
+
+
+@pytest.fixture(scope="module")
+def small_beton(tmp_path_factory):
+    pytest.importorskip("ffcv")
+    from fastpred.data.sources import ArraySource
+    from fastpred.data.write import write_beton
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (SMALL_N, SMALL_RES, SMALL_RES, 3), dtype=np.uint8)
+    path = tmp_path_factory.mktemp("small") / "small.beton"
+    write_beton(ArraySource(images, rng.integers(0, 10, SMALL_N), "28px"), path, compress_probability=0.0, workers=1)
+    return path
+
+
+@pytest.mark.parametrize("impl", ["fastpred_resident", "fastpred_ffcv"])
+def test_small_set_two_views(benchmark, impl, small_beton):
+    from bench.harness import DEVICE, sync
+    from fastpred.data import TwoViewLoader
+    from fastpred.data.resident import ResidentViews
+
+    if impl == "fastpred_resident":
+        views = ResidentViews.from_beton(small_beton, SMALL_BATCH, SMALL_RES, seed=0, device=DEVICE)
+    else:
+        views = TwoViewLoader(small_beton, SMALL_BATCH, SMALL_RES, num_workers=WORKERS, seed=0, device=DEVICE)
+
+    def epoch():
+        n = sum(len(x1) for x1, _, _ in views)
+        sync()
+        return n
+
+    n = benchmark.pedantic(epoch, rounds=3, warmup_rounds=1, iterations=1)  # warm-up pays numba compilation
+    benchmark.extra_info.update(images_per_s=n / benchmark.stats.stats.mean, images=n, batch=SMALL_BATCH,
+                                res=SMALL_RES, threads=torch.get_num_threads(), device=DEVICE.type,
+                                workers=WORKERS if impl == "fastpred_ffcv" else 0)
 
 
 AUG_BATCH = 8 if not torch.cuda.is_available() else 256

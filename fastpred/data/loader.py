@@ -78,11 +78,21 @@ def _validate_beton(path: str, fields: dict[str, str]) -> int:
     return int(reader.num_samples)
 
 
-def _shard_order(rank: int, world_size: int, shuffle: bool, tag_epochs: bool = False):
-    """An FFCV traversal order giving rank `rank` its DistributedSampler-style shard.
+def shard_positions(n: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                    shuffle: bool = True) -> np.ndarray:
+    """The positions (into the n images a loader reads) that rank `rank` reads in epoch `epoch`, in order: its
+    DistributedSampler-style shard. All ranks draw the same permutation (seed + epoch), pad it cyclically to a
+    multiple of `world_size` so every rank has the same number of batches (DDP steps in lockstep), and take every
+    `world_size`-th position. The FFCV loaders and the device-resident views (`fastpred.data.resident`) both read
+    this order, so either path trains on the same batches."""
+    perm = np.random.default_rng(seed + epoch).permutation(n) if shuffle else np.arange(n)
+    perm = np.resize(perm, -(-n // world_size) * world_size)
+    return perm[rank::world_size]
 
-    All ranks draw the same permutation (seed + epoch), pad it cyclically to a multiple of `world_size` so every
-    rank has the same number of batches (DDP steps in lockstep), and take every `world_size`-th index.
+
+def _shard_order(rank: int, world_size: int, shuffle: bool, tag_epochs: bool = False):
+    """An FFCV traversal order giving rank `rank` its shard (`shard_positions`) of the loader's indices.
+
     FFCV's own distributed mode reads the rank from an initialised process group; this one takes it explicitly.
     With `tag_epochs`, each index carries its epoch in the high bits (`decode.EPOCH_SHIFT`) for the seeded
     decoders. `skip` drops the first samples of the next epoch only (a run resumed mid-epoch).
@@ -98,10 +108,7 @@ def _shard_order(rank: int, world_size: int, shuffle: bool, tag_epochs: bool = F
             return self
 
         def sample_order(self, epoch: int) -> np.ndarray:
-            n = len(self.indices)
-            perm = np.random.default_rng(self.seed + epoch).permutation(n) if shuffle else np.arange(n)
-            perm = np.resize(perm, -(-n // world_size) * world_size)
-            order = self.indices[perm[rank::world_size]]
+            order = self.indices[shard_positions(len(self.indices), self.seed, epoch, rank, world_size, shuffle)]
             if tag_epochs:
                 from fastpred.data.decode import EPOCH_SHIFT
 

@@ -84,17 +84,19 @@ def _run(given: dict) -> int:
         if cfg.resume:
             state = run.load_checkpoint()
             trainer.load_state_dict(state)
-            _record_resume(run, how, saved, cfg, state, world_size)
+            _record_resume(run, how, saved, cfg, state, world_size, trainer.sources.views_note)
         else:
             if how == "restart":
                 run.truncate_metrics(0)  # the lines of the attempt that left no checkpoint
-            run.start(train_config.to_json(cfg), environment(device, world_size),
+            run.start(train_config.to_json(cfg), {**environment(device, world_size),
+                                                  "train_views": trainer.sources.views_note},
                       event="restart" if how == "restart" else "start")
         if rank == 0:
             print(f"run folder {run.path}; {cfg.method} + {cfg.predictor}, {cfg.backbone}, {world_size} process(es) "
                   f"on {device.type}; {trainer.steps_per_epoch} steps per epoch of {trainer.global_batch} images; "
                   f"held-out set: {trainer.sources.held_out_note}", flush=True)
             print(trainer.threads.describe(), flush=True)
+            print(f"training views: {trainer.sources.views_note}", flush=True)
             if how != "new":
                 print(f"{how}: from step {trainer.step} (epoch {trainer.epoch})", flush=True)
         try:
@@ -159,7 +161,7 @@ def _auto_resume(given: dict) -> tuple[str, dict]:
     return "auto-resume", {**{k: getattr(cfg, k) for k in train_config.RESUMABLE}, "resume": cfg.out}
 
 
-def _record_resume(run: RunDir, how: str, saved, cfg, state: dict, world_size: int) -> None:
+def _record_resume(run: RunDir, how: str, saved, cfg, state: dict, world_size: int, train_views: str) -> None:
     """events.jsonl gets every resume; a setting changed on purpose (train_config.RESCUE) also goes to
     config.json, so that the next resume keeps it."""
     changed = {k: [getattr(saved, k), getattr(cfg, k)] for k in sorted(train_config.RESCUE)
@@ -170,6 +172,7 @@ def _record_resume(run: RunDir, how: str, saved, cfg, state: dict, world_size: i
         run.rewrite_config(train_config.to_json(dataclasses.replace(
             saved, **{k: getattr(cfg, k) for k in train_config.RESCUE})))
     run.record_event(how, step=state["step"], epoch=state["epoch"], world_size=world_size, changed=changed,
+                     train_views=train_views,
                      restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)), argv=sys.argv)
 
 

@@ -58,6 +58,8 @@ class Config:
     crop_scale: float = 0.08  # smallest area fraction of a random resized crop
     workers: int = -1  # FFCV decoding threads per process (-1: this process's share of the usable cores)
     threads: int = -1  # torch's CPU threads per process (-1: this process's share of the usable cores)
+    resident: str = "auto"  # training set held on the device, views cut there: auto (one size, within budget), on, off
+    resident_max_mb: float = 0.0  # --resident's budget in MiB per process (0: 25% of the GPU's memory; CPU: 2048)
     # --- optimisation
     epochs: int = 100
     batch_size: int = 128  # images per process and step (two views each); the global batch is this x processes
@@ -125,6 +127,8 @@ _APPLIES: dict[str, tuple[str, typing.Callable[[Config], bool]]] = {
     "val": ("--data PATH.beton", lambda c: c.data not in (*NAMED_SOURCES, "synthetic")),
     "workers": ("a .beton or a named source (not --data synthetic)", lambda c: c.data != "synthetic"),
     "synthetic_steps": ("--data synthetic", lambda c: c.data == "synthetic"),
+    **{k: ("a .beton or a named source (not --data synthetic)", lambda c: c.data != "synthetic")
+       for k in ("resident", "resident_max_mb")},
 }
 
 PRESETS: dict[str, dict[str, typing.Any]] = {
@@ -180,6 +184,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "target_ema_schedule": SCHEDULES,
     "device": ("auto", "cpu", "cuda"),
     "progress": ("auto", "bar", "plain"),
+    "resident": ("auto", "on", "off"),
     "pred_reg": ("none", "symmetric"),
 }
 
@@ -258,7 +263,8 @@ def check(cfg: Config, given: dict[str, typing.Any]) -> None:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("max_steps", "knn_every", "spectrum_every", "sweeps", "warmup_epochs", "weight_decay", "eps"):
+    for name in ("max_steps", "knn_every", "spectrum_every", "sweeps", "warmup_epochs", "weight_decay", "eps",
+                 "resident_max_mb"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.batch_size < 2:
@@ -298,10 +304,12 @@ def from_json(text: str) -> Config:
     return Config(**data)
 
 
-#: Settings a resumed run may change: they do not alter the trajectory.
+#: Settings a resumed run may change: they do not alter the trajectory. `resident` and `resident_max_mb` may switch
+#: between FFCV and the device-resident views: the same batches and crop distribution, other crop values (as
+#: `device` gives other float rounding), so the resumed trajectory is statistically the same, not bitwise.
 RESUMABLE = frozenset({"workers", "threads", "tensorboard", "progress", "log_every", "device", "compile", "max_steps",
                        "knn_every", "final_probe", "final_probe_epochs", "checkpoint_every", "resume", "keep_every",
-                       "auto_resume", "max_nonfinite_steps", "dist_timeout"})
+                       "auto_resume", "max_nonfinite_steps", "dist_timeout", "resident", "resident_max_mb"})
 
 #: Settings an explicit --resume may change on purpose, recorded in the run folder (events.jsonl, config.json): a
 #: lower lr rescues a diverged run from its last good checkpoint; batch_size keeps the global batch (and with it the

@@ -3,8 +3,9 @@ embedded digits, Fashion-MNIST: `fastpred.data.named`), or synthetic images made
 sets of the probes (the held-out split of `fastpred.data.split`, read by `fastpred.eval.ProbeSets`).
 
 Every source is deterministic given (seed, epoch, batch): FFCV's order and crops are seeded per sample
-(`fastpred.data.decode`), synthetic batches come from a generator seeded per batch, so a resumed run reads
-exactly the batches an uninterrupted one would have.
+(`fastpred.data.decode`), the device-resident views (`fastpred.data.resident`, for sets that fit in memory) take
+the same order and seed their crops per batch, synthetic batches come from a generator seeded per batch, so a
+resumed run reads exactly the batches an uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
+from fastpred.data.resident import batch_seed
 from fastpred.data.split import held_out_split
 
 SYNTHETIC_CLASSES = 10  # the labels of --data synthetic: random, nothing for a probe to learn
@@ -42,7 +44,7 @@ class SyntheticViews:
         g = torch.Generator(self.device)
         shape = (self.batch_size, 3, self.resolution, self.resolution)
         for b in range(skip, self.steps):
-            g.manual_seed(hash((self.seed, self.rank, epoch, b)) & 0x7FFF_FFFF_FFFF_FFFF)
+            g.manual_seed(batch_seed(self.seed, self.rank, epoch, b))
             x1 = torch.randint(0, 256, shape, generator=g, device=self.device, dtype=torch.uint8)
             x2 = torch.randint(0, 256, shape, generator=g, device=self.device, dtype=torch.uint8)
             y = torch.randint(0, SYNTHETIC_CLASSES, (self.batch_size,), generator=g, device=self.device)
@@ -55,7 +57,11 @@ class Sources:
     `train_views` iterates (x1, x2, y) uint8 batches on the device. `probes` (`fastpred.eval.ProbeSets`; `None`
     for synthetic data, which has nothing to probe) holds the labelled sets of the probes, of which
     `probe_train()` and `probe_val()` iterate this rank's shard as (x, y) uint8 centre crops; `held_out_note`
-    says which held-out set the probes use.
+    says which held-out set the probes use, `views_note` which path the training views take and why.
+
+    The training views of a set whose images share one size and fit `--resident-max-mb` are device-resident
+    (`fastpred.data.resident`: no decode, no loader thread; every rank holds the whole set and iterates its shard);
+    other sets, and `--resident off`, read through FFCV. Both give the same batches in the same order.
     """
 
     def __init__(self, cfg, *, rank: int, world_size: int, device: torch.device):
@@ -66,17 +72,25 @@ class Sources:
             self.train_views = SyntheticViews(cfg.batch_size, cfg.resolution, steps, seed=cfg.seed, rank=rank,
                                               device=device)
             self.held_out_note = "none (synthetic data)"
+            self.views_note = "synthetic images made on the device"
             self._train_path = self._val_path = None
             return
         split = held_out_split(cfg.data, cfg.val, rank)
         self._train_path, self._val_path = split.train, split.val
         train_indices, self.held_out_note = split.train_indices, split.note
-        from fastpred.data.loader import TwoViewLoader
+        from fastpred.data.resident import ResidentViews, choose_path
 
-        self.train_views = TwoViewLoader(
-            self._train_path, cfg.batch_size, cfg.resolution, scale=(cfg.crop_scale, 1.0), seed=cfg.seed,
-            rank=rank, world_size=world_size, device=device, num_workers=cfg.workers, indices=train_indices,
-        )
+        choice = choose_path(cfg.resident, self._train_path, train_indices, device, cfg.resident_max_mb)
+        self.views_note = choice.note
+        views = dict(scale=(cfg.crop_scale, 1.0), seed=cfg.seed, rank=rank, world_size=world_size, device=device)
+        if choice.resident:
+            self.train_views = ResidentViews.from_beton(self._train_path, cfg.batch_size, cfg.resolution,
+                                                        indices=train_indices, **views)
+        else:
+            from fastpred.data.loader import TwoViewLoader
+
+            self.train_views = TwoViewLoader(self._train_path, cfg.batch_size, cfg.resolution,
+                                             num_workers=cfg.workers, indices=train_indices, **views)
         from fastpred.eval import ProbeSets
 
         # The held-out file and both sets' labels are checked now (not after the first epoch), on every rank;
