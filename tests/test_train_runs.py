@@ -183,7 +183,12 @@ def test_a_trainer_start_validates_each_file_once(tmp_path, cache, monkeypatch):
     monkeypatch.setenv("FASTPRED_CACHE", cache)
     train, test = (str(p) for p in named_betons("digits"))
     validate, validated = loader._validate_beton, []
-    monkeypatch.setattr(loader, "_validate_beton", lambda path, fields: validated.append(path) or validate(path, fields))
+
+    def counted(path, fields):
+        validated.append(path)
+        return validate(path, fields)
+
+    monkeypatch.setattr(loader, "_validate_beton", counted)
     threads = torch.get_num_threads()
     try:
         for given, files in (({"data": "digits"}, [train, test]), ({"data": train}, [train]),
