@@ -21,6 +21,7 @@ from pathlib import Path
 TITLES = {
     "test_corr_ema": "Correlation EMA update: F <- rho F + (1 - rho) z^T z / N",
     "test_predictor_from_F": "Eigensolve + construction of W from F (realistic stream)",
+    "test_solver_on_stream": "Warm eigensolvers along a stream: Jacobi against orthogonal (power/QR) iteration",
     "test_predictor_step": "Whole predictor step: z @ W, fold, eigensolve, W",
     "test_train_step": "Training step (BYOL, `--data synthetic`): the trainer against the same model stepped by hand",
 }
@@ -157,7 +158,8 @@ def predictor_tables(benches: list[dict], stat: str) -> list[str]:
     for case, row in by_case.items():
         for p, b in row.items():
             e, s = b["extra_info"], b["stats"]
-            extra = ", ".join(f"{k}={fmt_value(e[k])}" for k in ("backend", "ok_frac", "err_plain_fp32") if k in e)
+            keys = ("backend", "ok_frac", "err_plain_fp32", "err_worst", "unconverged", "sweeps_mean")
+            extra = ", ".join(f"{k}={fmt_value(e[k])}" for k in keys if k in e)
             rows.append(
                 [
                     case,

@@ -22,6 +22,10 @@ from fastpred.alerts import CounterAlert
 #: Lower bound on every eigenvalue p of W (part of the DirectPred contract).
 P_FLOOR = 1e-4
 BACKENDS = ("auto", "torch", "triton")
+#: The triton backend's eigensolvers (fastpred.triton_backend.SOLVERS, without importing triton here).
+SOLVERS = ("jacobi", "orth")
+#: Largest block d / groups of solver="orth" (its kernel holds a block in registers).
+ORTH_MAX_BLOCK = 64
 
 
 class DirectPredictor(nn.Module):
@@ -53,6 +57,12 @@ class DirectPredictor(nn.Module):
             the solver's tolerance in 4 to 6 sweeps). A solve that has not converged within it is
             counted in ``unconverged_solves``, warned about once, and the next refresh of that block
             runs with a larger cap.
+        solver: the triton backend's eigensolver on warm refreshes: ``"jacobi"`` (default), or ``"orth"``: one
+            orthogonal iteration Q <- qr(F Q) (Householder, fp32) from the previous eigenbasis, then Jacobi sweeps
+            on Q^T F Q (the Rayleigh-Ritz step) under the same cap and convergence test; d / groups <= 64 only.
+            The design's power/QR route, kept as an option: on the bench stream the iteration costs more than the
+            sweeps it saves; it helps where F moves far between refreshes (docs/kernels.md). Cold and repair
+            solves are Jacobi for both. Ignored where no eigensolver runs (the torch backend, DirectCopy).
         process_group: under torch.distributed, F is computed over the global batch of this group
             (all-reduce of z^T z and N), so every rank holds the same F and W. Default: the world.
 
@@ -82,6 +92,7 @@ class DirectPredictor(nn.Module):
         groups: int = 1,
         backend: str = "auto",
         sweeps: int = 6,
+        solver: str = "jacobi",
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
@@ -90,9 +101,14 @@ class DirectPredictor(nn.Module):
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if not (isinstance(sweeps, int) and sweeps >= 0):
             raise ValueError(f"sweeps must be an integer >= 0, got {sweeps!r}")
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+        if solver == "orth" and dim // groups > ORTH_MAX_BLOCK:
+            raise ValueError(f"solver='orth' needs dim / groups <= {ORTH_MAX_BLOCK} (a block in registers), got "
+                             f"{dim // groups}; use solver='jacobi' or more groups")
         self.dim, self.rho, self.eps, self.alpha = dim, float(rho), float(eps), float(alpha)
         self.freq, self.groups, self.trainable = freq, groups, trainable
-        self.backend, self.sweeps = backend, sweeps
+        self.backend, self.sweeps, self.solver = backend, sweeps, solver
         self.process_group = process_group
         block = dim // groups
         identity = torch.eye(block).expand(groups, block, block).clone()  # (G, m, m)
@@ -136,6 +152,8 @@ class DirectPredictor(nn.Module):
             parts.append("trainable=True")
         if self.backend != "auto":
             parts.append(f"backend={self.backend!r}")
+        if self.solver != "jacobi":
+            parts.append(f"solver={self.solver!r}")
         return ", ".join(parts)
 
     @property
@@ -205,7 +223,7 @@ class DirectPredictor(nn.Module):
         backend.refresh_predictor_(
             self.F, self.U, self.W, self.full_solve_next, self.unconverged_solves,
             enable=valid & (self.num_folds % self.freq == 0),
-            alpha=self.alpha, eps=self.eps, floor=P_FLOOR, sweeps=self.sweeps,
+            alpha=self.alpha, eps=self.eps, floor=P_FLOOR, sweeps=self.sweeps, solver=self.solver,
         )  # fmt: skip
 
     def _backend_for(self, device: torch.device) -> ModuleType:

@@ -1,4 +1,5 @@
-"""DirectPredictor's Triton backend: fused correlation EMA, warm-started Jacobi eigensolver, fused W.
+"""DirectPredictor's Triton backend: fused correlation EMA, warm-started eigensolver (Jacobi, or orthogonal
+iteration + Jacobi), fused W.
 
 Every decision is made on the device (flags and sweep caps are read by the kernels, results are kept
 or dropped with `torch.where`), so a training step never waits on the host and can be captured in a
@@ -10,15 +11,25 @@ from __future__ import annotations
 
 import torch
 
-from fastpred.kernels import corr_ema, eigh_warm, largest_eigenvalue, predictor_from_eigh
+from fastpred.kernels import corr_ema, eigh_warm, largest_eigenvalue, orth_iter, predictor_from_eigh
 from fastpred.kernels._launch import interpreted
+from fastpred.kernels.eigh import _SMALL_MAX as REGISTER_MAX_N
 from fastpred.torch_backend import diagonal_is_finite
 
-#: Sweeps allowed on the first (cold) refresh and on the one after a non-converged solve (a cold
-#: 32 x 32 solve converges in about 10).
-#: Also the launch budget of the block solver for d / groups > 64, where sweeps past convergence are
-#: launched as no-ops (each kernel reads a device flag and returns).
+#: Sweeps allowed on the first (cold) refresh and on the one after a non-converged solve, for d / groups > 64,
+#: where it is also the block solver's launch budget: sweeps past convergence are launched as no-ops (each kernel
+#: reads a device flag and returns), so every refresh pays for them.
 FULL_SWEEPS = 12
+#: The same for d / groups <= 64, where the sweep loop runs on the device and headroom costs nothing until used:
+#: a cold 64 x 64 solve took 9 to 10 sweeps on the bench streams and 12 on a spectrum of condition 1e9 from bf16
+#: features (tests/test_direct_predictor_autocast.py), exactly the old shared budget of 12.
+REGISTER_FULL_SWEEPS = 24
+#: Orthogonal iterations before the Rayleigh-Ritz (Jacobi) step of solver="orth" on a warm refresh. Measured with
+#: the pure-PyTorch references (docs/kernels.md): on the bench stream one iteration cut the Jacobi sweeps after it
+#: from 3.5-5.1 to 2.6-4.0 a refresh (two: 2.4-4.0), on a fast-moving F (N = 2d, rho 0.3, condition 5e7-2e9) the first
+#: warm refresh from 9 to 5 (two: 4); interpreted, an iteration costs as many operations as 1.3-1.6 sweeps.
+ORTH_ITERS = 1
+SOLVERS = ("jacobi", "orth")
 
 
 def check_device(device: torch.device) -> None:
@@ -64,14 +75,17 @@ def refresh_predictor_(
     eps: float,
     floor: float,
     sweeps: int,
+    solver: str = "jacobi",
 ) -> None:
     """Recompute W (G, m, m) from F where the 0-dim device flag `enable` is set; nothing waits on the host.
 
+    solver "jacobi": Jacobi sweeps from the previous basis U. "orth" (m <= 64): ORTH_ITERS orthogonal iterations
+    Q <- qr(F Q) from U, then the Rayleigh-Ritz step, Jacobi sweeps on Q^T F Q under the same cap and test.
     A refresh whose eigensolve has not converged within its sweep cap still sets W from the best basis
     it reached, is counted in `unconverged` and marks the block in `full_solve_next`, so that the next
-    refresh of that block runs with FULL_SWEEPS (as does the first, cold, solve). A block whose result
-    is non-finite or whose largest eigenvalue is not positive keeps its W and U. DirectCopy (alpha = 1,
-    eps >= floor) needs only max s.
+    refresh of that block is a full solve (as is the first, cold, one): Jacobi alone with FULL_SWEEPS
+    (REGISTER_FULL_SWEEPS for m <= 64) for either solver. A block whose result is non-finite or whose largest
+    eigenvalue is not positive keeps its W and U. DirectCopy (alpha = 1, eps >= floor) needs only max s.
     """
     eye = torch.eye(F.shape[-1], dtype=F.dtype, device=F.device)
     if alpha == 1.0 and eps >= floor:
@@ -80,9 +94,14 @@ def refresh_predictor_(
         ok = enable & torch.isfinite(s_max) & (s_max > 0) & torch.isfinite(new_W).all(dim=(-2, -1))
         W.copy_(torch.where(ok[:, None, None], new_W, W))
         return
-    cap = torch.where(full_solve_next, FULL_SWEEPS, sweeps)
+    full = REGISTER_FULL_SWEEPS if F.shape[-1] <= REGISTER_MAX_N else FULL_SWEEPS
+    cap = torch.where(full_solve_next, full, sweeps)
     cap = torch.where(enable, cap, 0).to(torch.int32)  # (G,)
-    s, basis, converged = eigh_warm(F, U, max_sweeps=max(FULL_SWEEPS, sweeps), sweeps_cap=cap)
+    start = U
+    if solver == "orth":
+        iters = torch.where(enable & ~full_solve_next, ORTH_ITERS, 0).to(torch.int32)
+        _, start, _ = orth_iter(F, U, max_iters=ORTH_ITERS, iters_cap=iters)
+    s, basis, converged = eigh_warm(F, start, max_sweeps=max(full, sweeps), sweeps_cap=cap)
     new_W, finite = predictor_from_eigh(s, basis, alpha, eps, floor=floor)
     ok = (enable & finite)[:, None, None]
     W.copy_(torch.where(ok, new_W, W))

@@ -7,6 +7,10 @@ Correlation EMA (`corr_ema.py`):
 Eigensolver (`eigh.py`):
     eigh_warm(F, U0=None, *, max_sweeps, tol, sweeps_cap) -> (s, U, converged)   warm-started Jacobi, fp32
     eigh_ref(F) -> (s, U)                                                torch.linalg.eigh in float64
+    jacobi_ref(F, U0=None, *, max_sweeps, tol, dtype) -> (s, U, converged, sweeps)   the same Jacobi, plain torch
+Orthogonal iteration (`orth_iter.py`), the power/QR route:
+    orth_iter(F, U0=None, *, max_iters, tol, iters_cap) -> (s, Q, converged)   Q <- qr(F Q), Householder, fp32
+    orth_iter_ref(F, U0=None, *, max_iters, tol, dtype) -> (s, Q, converged)   same, plain torch
 Predictor (`predictor.py`):
     predictor_from_eigh(s, U, alpha, eps, *, out=None, floor=1e-4) -> (W, ok)    W = U diag(p) U^T
     predictor_from_eigh_ref(...)
@@ -32,6 +36,9 @@ _EXPORTS = {
     "corr_ema_ref": "corr_ema",
     "eigh_warm": "eigh",
     "eigh_ref": "eigh",
+    "jacobi_ref": "eigh",
+    "orth_iter": "orth_iter",
+    "orth_iter_ref": "orth_iter",
     "predictor_from_eigh": "predictor",
     "predictor_from_eigh_ref": "predictor",
     "predictor_newton_schulz": "predictor",
@@ -44,6 +51,9 @@ __all__ = [
     "corr_ema_ref",
     "eigh_warm",
     "eigh_ref",
+    "jacobi_ref",
+    "orth_iter",
+    "orth_iter_ref",
     "predictor_from_eigh",
     "predictor_from_eigh_ref",
     "predictor_newton_schulz",
@@ -54,7 +64,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .corr_ema import corr_ema, corr_ema_ref
-    from .eigh import eigh_ref, eigh_warm
+    from .eigh import eigh_ref, eigh_warm, jacobi_ref
+    from .orth_iter import orth_iter, orth_iter_ref
     from .predictor import (
         largest_eigenvalue,
         largest_eigenvalue_ref,

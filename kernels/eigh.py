@@ -25,7 +25,7 @@ import triton.language as tl
 from ._launch import check_grid, full_fp32_matmul, launch_device
 from ._tiles import upper_tile
 
-__all__ = ["eigh_warm", "eigh_ref"]
+__all__ = ["check_solver_args", "eigh_warm", "eigh_ref", "jacobi_ref"]
 
 _SMALL_MAX = 64  # largest n solved by one program in registers
 _BLOCK = 32  # block size of the block Jacobi method; block pairs are 64 x 64 subproblems
@@ -87,6 +87,31 @@ def _polar_step(V, eye):
 
 
 @triton.jit
+def load_warm(
+    A_ptr, U0_ptr, b, n,
+    stride_ab, stride_ar, stride_ac,
+    stride_u0b, stride_u0r, stride_u0c,
+    P: tl.constexpr,
+    HAS_U0: tl.constexpr,
+):
+    """(r, row, col, eye, real, A, V) of program b: A[b] padded with zeros to (P, P), and the warm basis U0[b] padded
+    with an identity block (the identity without U0). r = arange(P), row = r[:, None], col = r[None, :], real the
+    (P, P) mask of the n x n block."""
+    r = tl.arange(0, P)
+    row = r[:, None]
+    col = r[None, :]
+    eye = row == col
+    real = (row < n) & (col < n)
+    A = tl.load(A_ptr + b * stride_ab + row * stride_ar + col * stride_ac, mask=real, other=0.0)  # (P, P)
+    if HAS_U0:
+        V = tl.load(U0_ptr + b * stride_u0b + row * stride_u0r + col * stride_u0c, mask=real, other=0.0)
+        V = tl.where(eye & (row >= n), 1.0, V)
+    else:
+        V = tl.where(eye, 1.0, 0.0)
+    return r, row, col, eye, real, A, V
+
+
+@triton.jit
 def _jacobi_kernel(
     A_ptr, U0_ptr, s_ptr, U_ptr, conv_ptr, sweeps_ptr, cap_ptr,
     n, max_sweeps, tol,
@@ -99,22 +124,14 @@ def _jacobi_kernel(
     HAS_CAP: tl.constexpr,  # read a device sweep cap (min with max_sweeps)
 ):
     b = tl.program_id(0).to(tl.int64)
-    r = tl.arange(0, P)
-    row = r[:, None]
-    col = r[None, :]
-    eye = row == col
-    real = (row < n) & (col < n)
-    A = tl.load(A_ptr + b * stride_ab + row * stride_ar + col * stride_ac, mask=real, other=0.0)  # (P, P)
     # Padding: zero rows/cols of A and an identity block in V. Every rotation that touches a padded
     # index sees a_pq == 0 exactly and is the exact identity (c = 1, s = 0), so padding never couples.
+    r, row, col, eye, real, A, V = load_warm(A_ptr, U0_ptr, b, n, stride_ab, stride_ar, stride_ac,
+                                             stride_u0b, stride_u0r, stride_u0c, P, HAS_U0)
     if HAS_U0:
-        V = tl.load(U0_ptr + b * stride_u0b + row * stride_u0r + col * stride_u0c, mask=real, other=0.0)
-        V = tl.where(eye & (row >= n), 1.0, V)
         # IEEE fp32: TF32 products would put ~1e-3 relative noise into the small eigenvalues.
         A = tl.dot(tl.trans(V), tl.dot(A, V, input_precision="ieee"), input_precision="ieee")
         A = 0.5 * (A + tl.trans(A))
-    else:
-        V = tl.where(eye, 1.0, 0.0)
 
     # The diagonal lives in the vector `dia`; A keeps only the off-diagonal part (zero diagonal), so
     # the off-diagonal mass is a plain sum of squares and the rotations need no diagonal bookkeeping.
@@ -293,6 +310,14 @@ def _jacobi_small(
     A: torch.Tensor, U0: torch.Tensor | None, cap: torch.Tensor | None, max_sweeps: int, tol: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A, U0: (B, n, n), n <= 64, any strides. cap: None or (B,) / 0-dim int tensor."""
+    return register_solve(_jacobi_kernel, "eigh_warm", A, U0, cap, max_sweeps, tol)
+
+
+def register_solve(
+    kernel, who: str, A: torch.Tensor, U0: torch.Tensor | None, cap: torch.Tensor | None, max_count: int, tol: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch a one-program-per-matrix solver (`_jacobi_kernel`, `orth_iter`'s kernel: the same arguments) on A, U0
+    (B, n, n), n <= 64, any strides, with cap None or a (B,) / 0-dim int tensor. Returns (s, U, converged, count)."""
     B, n, _ = A.shape
     P = max(16, triton.next_power_of_2(n))
     s = torch.empty(B, n, dtype=torch.float32, device=A.device)
@@ -303,9 +328,9 @@ def _jacobi_small(
         return s, U, conv.bool(), sweeps
     u0 = U0 if U0 is not None else A
     cp = cap if cap is not None else sweeps
-    _jacobi_kernel[check_grid((B,), "eigh_warm")](
+    kernel[check_grid((B,), who)](
         A, u0, s, U, conv, sweeps, cp,
-        n, max_sweeps, tol,
+        n, max_count, tol,
         A.stride(0), A.stride(1), A.stride(2),
         u0.stride(0), u0.stride(1), u0.stride(2),
         U.stride(0), U.stride(1), U.stride(2),
@@ -376,30 +401,35 @@ def _jacobi_block(
     return A, V, off <= thr
 
 
-def _check(F: torch.Tensor, U0: torch.Tensor | None, sweeps_cap, max_sweeps: int, tol: float) -> None:
+def check_solver_args(
+    who: str, F, U0, cap, count, tol, *, count_name: str = "max_sweeps", cap_name: str = "sweeps_cap"
+) -> None:
+    """One ValueError line per bad argument of a warm-started solver (`eigh_warm`, `orth_iter`): F (n, n) or
+    (B, n, n) float32, U0 None or like F, `count_name` an int >= 0, tol >= 0, `cap_name` None, an int or an
+    integer device tensor, 0-dim or (B,)."""
     if not isinstance(F, torch.Tensor) or F.dim() not in (2, 3) or F.shape[-1] != F.shape[-2]:
-        raise ValueError(f"eigh_warm: F must be (n, n) or (B, n, n), got {tuple(getattr(F, 'shape', ()))}")
+        raise ValueError(f"{who}: F must be (n, n) or (B, n, n), got {tuple(getattr(F, 'shape', ()))}")
     if F.dtype != torch.float32:
-        raise ValueError(f"eigh_warm: F must be float32, got {F.dtype}")
+        raise ValueError(f"{who}: F must be float32, got {F.dtype}")
     if F.shape[-1] < 1:
-        raise ValueError("eigh_warm: F must have n >= 1")
+        raise ValueError(f"{who}: F must have n >= 1")
     if U0 is not None and (U0.shape != F.shape or U0.dtype != torch.float32 or U0.device != F.device):
-        raise ValueError(f"eigh_warm: U0 must be float32 {tuple(F.shape)} on {F.device}, got "
+        raise ValueError(f"{who}: U0 must be float32 {tuple(F.shape)} on {F.device}, got "
                          f"{U0.dtype} {tuple(U0.shape)} on {U0.device}")
-    if isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int) or max_sweeps < 0:
-        raise ValueError(f"eigh_warm: max_sweeps must be an int >= 0, got {max_sweeps!r}")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"{who}: {count_name} must be an int >= 0, got {count!r}")
     if not tol >= 0.0:
-        raise ValueError(f"eigh_warm: tol must be >= 0, got {tol!r}")
-    if isinstance(sweeps_cap, torch.Tensor):
+        raise ValueError(f"{who}: tol must be >= 0, got {tol!r}")
+    if isinstance(cap, torch.Tensor):
         B = F.shape[0] if F.dim() == 3 else 1
-        if sweeps_cap.dtype.is_floating_point or sweeps_cap.dtype.is_complex or sweeps_cap.dtype == torch.bool:
-            raise ValueError(f"eigh_warm: sweeps_cap must be an integer tensor, got {sweeps_cap.dtype}")
-        if sweeps_cap.device != F.device:
-            raise ValueError(f"eigh_warm: sweeps_cap is on {sweeps_cap.device}, F is on {F.device}")
-        if sweeps_cap.dim() > 1 or (sweeps_cap.dim() == 1 and (F.dim() == 2 or sweeps_cap.shape[0] != B)):
-            raise ValueError(f"eigh_warm: sweeps_cap must be 0-dim or ({B},), got {tuple(sweeps_cap.shape)}")
-    elif sweeps_cap is not None and (isinstance(sweeps_cap, bool) or not isinstance(sweeps_cap, int)):
-        raise ValueError(f"eigh_warm: sweeps_cap must be None, an int or an integer tensor, got {sweeps_cap!r}")
+        if cap.dtype.is_floating_point or cap.dtype.is_complex or cap.dtype == torch.bool:
+            raise ValueError(f"{who}: {cap_name} must be an integer tensor, got {cap.dtype}")
+        if cap.device != F.device:
+            raise ValueError(f"{who}: {cap_name} is on {cap.device}, F is on {F.device}")
+        if cap.dim() > 1 or (cap.dim() == 1 and (F.dim() == 2 or cap.shape[0] != B)):
+            raise ValueError(f"{who}: {cap_name} must be 0-dim or ({B},), got {tuple(cap.shape)}")
+    elif cap is not None and (isinstance(cap, bool) or not isinstance(cap, int)):
+        raise ValueError(f"{who}: {cap_name} must be None, an int or an integer tensor, got {cap!r}")
 
 
 def eigh_warm(
@@ -425,7 +455,7 @@ def eigh_warm(
     tol must stay above the fp32 floor of the off-diagonal mass (~1e-6 for n in the hundreds), or
     converged stays False. No host synchronisation anywhere (CUDA-graph capturable).
     """
-    _check(F, U0, sweeps_cap, max_sweeps, tol)
+    check_solver_args("eigh_warm", F, U0, sweeps_cap, max_sweeps, tol)
     with launch_device(F, _jacobi_kernel, "eigh_warm"):
         return _eigh_warm(F, U0, sweeps_cap, max_sweeps, tol)
 
@@ -467,6 +497,70 @@ def _eigh_warm(
     if not batched:
         return s[0], U[0], conv[0]
     return s, U, conv
+
+
+def jacobi_ref(
+    F: torch.Tensor,
+    U0: torch.Tensor | None = None,
+    *,
+    max_sweeps: int = 12,
+    tol: float = 2e-6,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The register kernel's method in plain torch, any n, evaluated in `dtype`: rotate into U0, then cyclic sweeps
+    of parallel Jacobi rounds (index i paired with i ^ m, n padded to a power of two) until the off-diagonal mass
+    is <= tol * ||A||_F, plus one polish sweep, or max_sweeps; then one polar step. (For n > 64 the kernels sweep
+    block pairs instead: the same stopping rule, other rounds.) The CPU baseline of the Jacobi route and an oracle
+    for its sweep counts. Returns (s, U, converged, sweeps (..,) int32), cast to float32."""
+    check_solver_args("jacobi_ref", F, U0, None, max_sweeps, tol)
+    batched = F.dim() == 3
+    Fb = (F if batched else F.unsqueeze(0)).to(dtype)
+    B, n, _ = Fb.shape
+    P = triton.next_power_of_2(n)
+    A = torch.zeros(B, P, P, dtype=dtype, device=F.device)
+    V = torch.eye(P, dtype=dtype, device=F.device).repeat(B, 1, 1)
+    if U0 is not None:
+        V[:, :n, :n] = (U0 if batched else U0.unsqueeze(0)).to(dtype)
+        A[:, :n, :n] = V[:, :n, :n].mT @ Fb @ V[:, :n, :n]
+        A = 0.5 * (A + A.mT)
+    else:
+        A[:, :n, :n] = Fb
+    dia = torch.diagonal(A, dim1=-2, dim2=-1).clone()
+    A = A - torch.diag_embed(dia)  # off-diagonal part only, as in the kernel
+    thr = tol * (A.square().sum((-2, -1)) + dia.square().sum(-1)).sqrt()
+    off = A.square().sum((-2, -1)).sqrt()
+    r = torch.arange(P, device=F.device)
+    sweeps = torch.zeros(B, dtype=torch.int32, device=F.device)
+    polished = torch.zeros(B, dtype=torch.bool, device=F.device)
+    for _ in range(max_sweeps):
+        active = (off > thr) | ((off <= thr) & ~polished)  # NaN: inactive
+        if not bool(active.any()):
+            break
+        polished = polished | (active & (off <= thr))
+        for m in range(1, P):
+            k = r ^ m
+            pair = r[None, :] == k[:, None]
+            a_ik = A[:, r, k]
+            d_k = dia[:, k]
+            is_p = r < k
+            app, aqq = torch.where(is_p, dia, d_k), torch.where(is_p, d_k, dia)
+            apq = 0.5 * (a_ik + a_ik[:, k])
+            nz = (apq.abs() > 5.96e-8 * (app.abs() * aqq.abs()).sqrt()) & active[:, None]
+            tau = (aqq - app) / (2.0 * torch.where(nz, apq, 1.0))
+            t = torch.where(tau >= 0, 1.0, -1.0).to(dtype) / (tau.abs() + (1.0 + tau * tau).sqrt())
+            t = torch.where(nz, t, 0.0)
+            c = 1.0 / (1.0 + t * t).sqrt()
+            cs = torch.where(is_p, -t * c, t * c)
+            A = c[:, :, None] * A + cs[:, :, None] * A[:, k, :]
+            A = A * c[:, None, :] + A[:, :, k] * cs[:, None, :]
+            V = V * c[:, None, :] + V[:, :, k] * cs[:, None, :]
+            dia = torch.where(is_p, app - t * apq, aqq + t * apq)
+            A = torch.where(pair | torch.eye(P, dtype=torch.bool, device=F.device), 0.0, A)
+        sweeps += active.to(torch.int32)
+        off = torch.where(active, A.square().sum((-2, -1)).sqrt(), off)
+    V = V @ (1.5 * torch.eye(P, dtype=dtype, device=F.device) - 0.5 * (V.mT @ V))
+    out = dia[:, :n].float(), V[:, :n, :n].float(), off <= thr, sweeps
+    return out if batched else tuple(x[0] for x in out)
 
 
 def eigh_ref(F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -202,6 +202,8 @@ def test_groups_equal_independent_predictors():
         ({"dim": 8, "alpha": 0.0}, "alpha"),
         ({"dim": 8, "freq": 0}, "freq"),
         ({"dim": 8, "groups": 3}, "groups"),
+        ({"dim": 8, "solver": "qr"}, "solver must be one of jacobi, orth"),
+        ({"dim": 128, "solver": "orth"}, r"solver='orth' needs dim / groups <= 64.*got 128"),
     ],
 )
 def test_invalid_arguments(kwargs, match):
@@ -228,6 +230,8 @@ def test_extra_repr_and_buffers():
     assert repr(pred) == "DirectPredictor(16, rho=0.99, eps=0.05, alpha=1.0, freq=2, groups=4)"
     assert pred.F.shape == (4, 4, 4) and pred.W.shape == (4, 4, 4)
     assert torch.equal(pred.matrix, torch.eye(16))
+    assert repr(DirectPredictor(128, groups=2, solver="orth")) == "DirectPredictor(128, rho=0.3, eps=0.1, alpha=0.5, " \
+        "freq=1, groups=2, solver='orth')"
 
 
 def test_dtype_casts_keep_fp32_statistics():

@@ -108,8 +108,9 @@ def test_triton_backend_under_autocast_register_solver(device, autocast_dtype, a
     for (out, F, W), z in zip(got, batches, strict=True):
         assert torch.equal(plain(z.to(device)).cpu(), out)
         assert torch.equal(plain.F.cpu(), F) and torch.equal(plain.W.cpu(), W)
-    # A cold 64 x 64 solve can take more than its 12 sweeps (in fp32 too), and a solve that has not converged
-    # is flagged, not held to the bound; the warm refreshes after it converge and are.
+    # This stream (N = 2d, rho 0.3, F of condition ~1e9) moves F so far between steps that the first warm refresh
+    # needs 8-9 Jacobi sweeps (fp32 too), past the default cap of 6: it is flagged, not held to the bound, and the
+    # next refresh re-solves with the full budget (the cold solve took 11-12 of its 24). Only the last step is held.
     if alpha == 0.5:
         assert not bool(pred.full_solve_next.any())
     _assert_contract(got, batches, alpha=alpha, floor=TRITON_FLOOR, steps_checked=1)

@@ -27,6 +27,19 @@ def test_stream_matches_float64_contract(rho, alpha, device):
     assert int(pred.unconverged_solves) == 0
 
 
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize(("d", "rho", "steps"), [(32, 0.3, 6), (32, 0.99, 6), (64, 0.3, 3)])
+def test_orth_solver_stream_matches_float64_contract(d, rho, steps, device):
+    # solver="orth": two orthogonal iterations, then the Rayleigh-Ritz (Jacobi) step, on every warm refresh.
+    batches = decaying_features(3 * d, d, steps=steps, seed=26 + d + int(rho * 10))
+    pred = DirectPredictor(d, rho=rho, backend="triton", solver="orth").to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = run_module(pred, batches, device)
+    assert_stream_matches(got, batches, rho=rho, eps=0.1, alpha=0.5, freq=1, floor=TRITON_FLOOR)
+    assert int(pred.unconverged_solves) == 0
+
+
 @needs_interpreter
 def test_block_solver_stream_matches_float64_contract():
     # d = 96: three blocks of 32 padded to four, the block Jacobi path (d > 64) with warm starts; rho = 0.3
@@ -63,9 +76,10 @@ def test_hard_spectra(kind, rho):
 
 
 @needs_interpreter
-def test_forced_non_convergence_is_counted_warned_and_repaired():
+@pytest.mark.parametrize("solver", ["jacobi", "orth"])
+def test_forced_non_convergence_is_counted_warned_and_repaired(solver):
     batches = decaying_features(64, 16, steps=9, seed=22)
-    pred = DirectPredictor(16, rho=0.3, backend="triton", sweeps=0)  # every warm solve stops at once
+    pred = DirectPredictor(16, rho=0.3, backend="triton", sweeps=0, solver=solver)  # every warm solve stops at once
     exact = evaluate_stream(batches, rho=0.3, eps=0.1, alpha=0.5, freq=1, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="did not converge"):
         for t, z in enumerate(batches):

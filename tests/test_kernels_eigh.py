@@ -4,7 +4,8 @@ eigvalsh), never by comparing eigenvectors. n <= 64 runs in one program per matr
 import pytest
 import torch
 from devices import TRITON_DEVICES, needs_cuda, needs_interpreter
-from fastpred.kernels import eigh_ref, eigh_warm
+from fastpred.kernels import eigh_ref, eigh_warm, jacobi_ref
+from fastpred.kernels.eigh import _jacobi_small
 
 
 def _wishart(B: int, n: int, N: int, device: str, seed: int) -> torch.Tensor:
@@ -161,6 +162,19 @@ def test_tf32_setting_is_restored():
         assert torch.backends.cuda.matmul.allow_tf32 is True
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize(("n", "warm"), [(7, True), (32, True), (12, False)])
+def test_jacobi_ref_mirrors_the_register_kernel(device, n, warm):
+    # The plain-torch Jacobi (the CPU baseline of bench/) runs the kernel's rounds and stopping rule: the same sweep
+    # count per matrix, and an eigendecomposition as accurate.
+    F = _wishart(2, n, 3 * n, "cpu", seed=30 + n)
+    U0 = eigh_ref(0.7 * F + 0.3 * _wishart(2, n, 3 * n, "cpu", seed=40 + n))[1] if warm else None
+    _, _, conv, sweeps = _jacobi_small(F.to(device), None if U0 is None else U0.to(device), None, 12, 2e-6)
+    s, U, conv_ref, sweeps_ref = jacobi_ref(F, U0)
+    assert torch.equal(sweeps.cpu(), sweeps_ref) and torch.equal(conv.cpu(), conv_ref) and conv_ref.all()
+    _assert_accurate(F, s, U)
 
 
 def test_reference():

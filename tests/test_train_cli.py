@@ -30,6 +30,8 @@ def _error(capsys, argv) -> str:
         (["--batch-size", "1"], "--batch-size must be >= 2"),
         (["--rho", "1.0"], "--rho must be in [0, 1)"),
         (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--solver", "orth", "--predictor", "mlp"], "--solver applies only with --predictor directpred"),
+        (["--solver", "orth", "--proj-dim", "128"], "--solver orth needs --proj-dim / --groups <= 64, got 128"),
     ],
 )
 def test_flags_that_do_not_apply_or_cannot_run(capsys, argv, says):

@@ -91,10 +91,11 @@ def test_projector_is_byol_mlp():
 
 def test_predictor_kinds():
     assert PREDICTORS == ("directpred", "directcopy", "linear", "mlp", "offdiag", "none")
-    direct = build_predictor("directpred", 16, rho=0.5, eps=0.2, freq=3, groups=2, backend="torch", sweeps=4)
+    direct = build_predictor("directpred", 16, rho=0.5, eps=0.2, freq=3, groups=2, backend="torch", sweeps=4,
+                             solver="orth")
     assert isinstance(direct, DirectPredictor)
     assert (direct.alpha, direct.rho, direct.eps, direct.freq, direct.groups) == (0.5, 0.5, 0.2, 3, 2)
-    assert (direct.backend, direct.sweeps, direct.trainable) == ("torch", 4, False)
+    assert (direct.backend, direct.sweeps, direct.solver, direct.trainable) == ("torch", 4, "orth", False)
     assert build_predictor("directpred", 16, alpha=0.25).alpha == 0.25
     assert isinstance(build_predictor("directpred", 16, trainable=True).W, nn.Parameter)
     copy = build_predictor("directcopy", 16)

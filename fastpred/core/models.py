@@ -84,6 +84,7 @@ def build_predictor(
     groups: int = 1,
     backend: str = "auto",
     sweeps: int = 6,
+    solver: str = "jacobi",
     trainable: bool = False,
     hidden: int = 512,
     alpha: float | None = None,
@@ -95,7 +96,7 @@ def build_predictor(
     - ``linear``, ``mlp`` (BYOL's head with ``hidden`` units), ``offdiag`` (Wen & Li's I + A_off): trained heads.
     - ``none``: no predictor (the loss compares projections directly).
 
-    ``rho``, ``eps``, ``freq``, ``groups``, ``backend``, ``sweeps`` and ``trainable`` are DirectPredictor's
+    ``rho``, ``eps``, ``freq``, ``groups``, ``backend``, ``sweeps``, ``solver`` and ``trainable`` are DirectPredictor's
     arguments (see its docstring) and ``hidden`` is MLPPredictor's; kinds that do not take one ignore it,
     so a config can pass all of them whatever the kind.
     """
@@ -114,6 +115,7 @@ def build_predictor(
             groups=groups,
             backend=backend,
             sweeps=sweeps,
+            solver=solver,
         )
     if kind == "linear":
         return LinearPredictor(dim)

@@ -40,6 +40,7 @@ class Config:
     groups: int = 1  # block-diagonal predictor with this many blocks
     backend: str = "auto"  # DirectPredictor backend: auto (triton on CUDA, torch on the CPU), torch, triton
     sweeps: int = 6  # Jacobi sweep cap per refresh (triton backend)
+    solver: str = "jacobi"  # triton backend's eigensolver: jacobi, or orth (orth. iteration + Jacobi, d/groups <= 64)
     trainable: bool = False  # train W by gradient between refreshes (the paper's freq > 1 variant)
     # --- mlp predictor only
     pred_hidden: int = 512  # hidden width of the MLP predictor
@@ -117,7 +118,7 @@ class Config:
 #: Flags that only mean something with certain settings: flag -> (what it needs, a test on the config).
 _APPLIES: dict[str, tuple[str, typing.Callable[[Config], bool]]] = {
     **{k: ("--predictor directpred or directcopy", lambda c: c.uses_direct)
-       for k in ("rho", "eps", "alpha", "freq", "groups", "backend", "sweeps", "trainable")},
+       for k in ("rho", "eps", "alpha", "freq", "groups", "backend", "sweeps", "solver", "trainable")},
     "pred_hidden": ("--predictor mlp", lambda c: c.predictor == "mlp"),
     **{k: ("a trained predictor (linear, mlp, offdiag, or directpred/directcopy with --trainable)",
            lambda c: c.trained_predictor) for k in ("pred_lr", "pred_wd", "pred_lr_fixed")},
@@ -179,6 +180,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "backend": ("auto", "torch", "triton"),
     "backbone": BACKBONES,
     "optimizer": OPTIMIZERS,
+    "solver": ("jacobi", "orth"),
     "lr_scaling": ("none", "linear"),
     "schedule": SCHEDULES,
     "target_ema_schedule": SCHEDULES,
@@ -271,6 +273,8 @@ def check(cfg: Config, given: dict[str, typing.Any]) -> None:
         raise ConfigError("--batch-size must be >= 2 (BatchNorm needs two samples)")
     if not 0 <= cfg.rho < 1:
         raise ConfigError(f"--rho must be in [0, 1), got {cfg.rho}")
+    if cfg.solver == "orth" and cfg.proj_dim // cfg.groups > 64:
+        raise ConfigError(f"--solver orth needs --proj-dim / --groups <= 64, got {cfg.proj_dim // cfg.groups}")
     if not 0 < cfg.crop_scale <= 1:
         raise ConfigError(f"--crop-scale must be in (0, 1], got {cfg.crop_scale}")
     if not 0 <= cfg.target_ema <= 1:

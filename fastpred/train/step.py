@@ -100,7 +100,7 @@ class Learner:
         projector = build_projector(feat_dim, cfg.proj_hidden, cfg.proj_dim)
         predictor = build_predictor(
             cfg.predictor, cfg.proj_dim, rho=cfg.rho, eps=cfg.eps, freq=cfg.freq, groups=cfg.groups,
-            backend=cfg.backend, sweeps=cfg.sweeps, trainable=cfg.trainable, hidden=cfg.pred_hidden,
+            backend=cfg.backend, sweeps=cfg.sweeps, solver=cfg.solver, trainable=cfg.trainable, hidden=cfg.pred_hidden,
             alpha=cfg.alpha,
         )
         online = Online(backbone, projector, predictor)
