@@ -174,3 +174,28 @@ def test_cifar10_damaged_batch_is_a_data_error(tmp_path, content, message):
         (tmp_path / name).write_bytes(content)
     with pytest.raises(DataError, match=message):
         open_source(str(tmp_path))
+
+
+def test_cifar10_labels_as_numpy_scalars(tmp_path):
+    """A batch re-pickled from numpy keeps its labels as numpy integers: numpy's scalar(dtype, bytes), under numpy
+    2's module name and numpy 1's, is plain data and is read; a scalar built from anything but bytes is refused."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    images = _images(3, 32, 5)
+    for k in range(1, 6):  # the training batches, plain
+        (folder / f"data_batch_{k}").write_bytes(pickle.dumps({"data": np.zeros((1, 3072), np.uint8), "labels": [0]}))
+    labels = [np.int64(7), np.int32(8), np.uint8(9)]
+    blob = pickle.dumps({"data": images.transpose(0, 3, 1, 2).reshape(3, 3072), "labels": labels}, protocol=2)
+    calls = {arg for op, arg, _ in pickletools.genops(blob) if op.name == "GLOBAL"}
+    assert "numpy._core.multiarray scalar" in calls or "numpy.core.multiarray scalar" in calls
+    numpy_2 = blob.replace(b"numpy.core.multiarray\nscalar", b"numpy._core.multiarray\nscalar")
+    numpy_1 = numpy_2.replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar")
+    for spelling in (numpy_1, numpy_2):
+        (folder / "test_batch").write_bytes(spelling)
+        test = open_source(str(folder), split="test")
+        assert [test[i][1] for i in range(3)] == [7, 8, 9] and np.array_equal(test[1][0], images[1])
+    scalar = np.int64(0).__reduce__()[0]
+    odd = {"data": images[:1].transpose(0, 3, 1, 2).reshape(1, 3072), "labels": [Payload(scalar, np.dtype(int), 7)]}
+    (folder / "test_batch").write_bytes(pickle.dumps(odd, protocol=2))
+    with pytest.raises(DataError, match="not a plain CIFAR-10 batch .*a numpy scalar that is not plain data"):
+        open_source(str(folder), split="test")

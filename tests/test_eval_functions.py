@@ -279,3 +279,24 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert one["top1"] > 0.9
     assert ranks[0]["probe"] == ranks[1]["probe"]  # every rank trained the same head
     assert abs(ranks[0]["probe"]["top1"] - one["top1"]) <= 0.02
+
+
+def test_the_linear_protocol_is_chosen_by_the_training_set_size():
+    """LARS at batch 4096 is published for ImageNet; on a small set it takes a step or two per epoch and stays at
+    chance, so without --optimizer a set below LARS_MIN_IMAGES gets SGD at batch 256 (a smaller power of two when
+    that leaves fewer than FEW_STEPS steps), said in one line; a choice that leaves too few steps is warned about."""
+    from fastpred.eval.linear import FEW_STEPS, LARS_MIN_IMAGES, protocol_settings
+
+    imagenet, note = protocol_settings(1_281_167)
+    assert (imagenet.optimizer, imagenet.batch_size, imagenet.lr, note) == ("lars", 4096, 0.32, None)
+    cifar, note = protocol_settings(50_000)
+    assert (cifar.optimizer, cifar.batch_size, cifar.lr) == ("sgd", 256, 30.0) and note.startswith("linear: SGD")
+    digits, note = protocol_settings(1437)
+    assert (digits.optimizer, digits.batch_size, digits.lr) == ("sgd", 128, 15.0)
+    assert -(-1437 // 128) >= FEW_STEPS and f"from {LARS_MIN_IMAGES} images on" in note
+    chosen, note = protocol_settings(1437, optimizer="lars", epochs=2)
+    assert (chosen.optimizer, chosen.batch_size, chosen.epochs) == ("lars", 4096, 2)
+    assert note == ("warning: the linear protocol takes 1 step(s) per epoch at batch 4096 on 1437 training images; "
+                    "pass a smaller --batch-size")
+    given, note = protocol_settings(1437, batch_size=64, base_lr=1.0)
+    assert (given.optimizer, given.batch_size, given.lr) == ("sgd", 64, 0.25)

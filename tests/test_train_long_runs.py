@@ -180,6 +180,22 @@ def test_a_signal_in_the_final_evaluation_stops_at_once(tmp_path, monkeypatch):
     assert json.loads((run / "summary.json").read_text())["steps"] == 8
 
 
+def test_a_signal_after_the_last_step_does_not_wait_for_the_final_evaluation(tmp_path, monkeypatch):
+    """A request that comes after the last interval's check (here: during the last checkpoint's write) stops the
+    run before its final evaluation, as one during it would."""
+    run = tmp_path / "run"
+    real = loop.Trainer._save_checkpoint
+
+    def save_then_signal(self):
+        real(self)
+        if self.step == 8:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(loop.Trainer, "_save_checkpoint", save_then_signal)
+    assert main([*TINY, "--epochs", "2", "--out", str(run)]) == 128 + signal.SIGTERM
+    assert _load(run / "checkpoint.pt")["step"] == 8 and not (run / "summary.json").exists()
+
+
 # --- checkpoint history -----------------------------------------------------------------------------------
 def test_keep_every_keeps_a_checkpoint_per_period(tmp_path):
     run = tmp_path / "run"
@@ -270,15 +286,28 @@ def test_long_run_flags_that_cannot_run(tmp_path, capsys):
 
 # --- many processes: torchrun, a killed worker, preemption, another world size -------------------------------
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers through /proc")
-TORCHRUN_RUN = [*TINY, "--synthetic-steps", "10", "--epochs", "3", "--log-every", "5", "--seed", "3"]
+# The digits at 8 px, a tiny projector, 64 images per process: 11 steps per epoch, a line every 5 steps, and a final
+# evaluation (kNN, probes) of a second or two, long enough to be killed in. --stop-within 1.2 s leaves a fraction of a
+# second for steps after a stop request, so that the processes compare requests between log intervals.
+STEPS_PER_EPOCH = 11
+TORCHRUN_RUN = ["--data", "digits", "--batch-size", "64", "--resolution", "8", "--proj-dim", "8", "--proj-hidden",
+                "16", "--log-every", "5", "--spectrum-every", "0", "--progress", "plain", "--knn-every", "0",
+                "--final-probe-epochs", "10", "--seed", "3", "--stop-within", "1.2"]
+# The soak: FASTPRED_SOAK=1 restarts a run 12 times (a worker SIGKILLed mid-epoch and at the checkpoint of epochs
+# 1-5, one SIGTERMed, then one SIGKILLed in the final evaluation); the suite's short form restarts it 4 times.
+SOAK = os.environ.get("FASTPRED_SOAK") == "1"
+EPOCHS = 6 if SOAK else 3
 
 
-def _launch(out, *launcher_flags):
-    """`python -m fastpred.train.torchrun` (torchrun, with a stop by signal exiting 128 + signal) on two gloo
-    processes at one thread each, in a session of its own; --auto-resume makes the command restartable."""
-    cmd = [sys.executable, "-m", "fastpred.train.torchrun", "--standalone", "--nproc_per_node", "2",
-           *launcher_flags, "-m", "fastpred.train", *TORCHRUN_RUN, "--out", str(out), "--auto-resume"]
-    return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+def _launch(out, *launcher_flags, plain=False, epochs=EPOCHS):
+    """torchrun on two gloo processes at one thread each, in a session of its own; --auto-resume makes the command
+    restartable. `plain`: torchrun as it is; otherwise `python -m fastpred.train.torchrun` (a stop by signal exits
+    128 + signal)."""
+    launcher = "torch.distributed.run" if plain else "fastpred.train.torchrun"
+    cmd = [sys.executable, "-m", launcher, "--standalone", "--nproc_per_node", "2", *launcher_flags,
+           "-m", "fastpred.train", *TORCHRUN_RUN, "--epochs", str(epochs), "--out", str(out), "--auto-resume"]
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"}  # torchrun's default
+    return subprocess.Popen(cmd, env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -310,6 +339,8 @@ def _wait_for_step(proc, run, step, timeout=240):
 
 def _losses_safe(run) -> list[int]:
     steps = []
+    if not (run / "metrics.jsonl").exists():
+        return steps
     for line in (run / "metrics.jsonl").read_text().splitlines():
         try:
             steps.append(json.loads(line)["step"])
@@ -338,49 +369,145 @@ def uninterrupted(tmp_path_factory):
     return run
 
 
+def _checkpoint_step(run) -> int | None:
+    try:
+        return _load(run / "checkpoint.pt")["step"]  # replaced atomically: never half-written
+    except (OSError, RuntimeError, EOFError):
+        return None
+
+
+def _kill_when(proc, run, point: str, epoch: int, rank: int, timeout=240) -> None:
+    """Waits for `point` of the run (mid-epoch: a line logged inside `epoch`; checkpoint: the checkpoint at the
+    end of `epoch` written; final: the last checkpoint written, the final evaluation under way), then SIGKILLs the
+    worker of `rank` (point "stop": SIGTERMs it mid-epoch, which stops every worker at one step, with exit 143:
+    torchrun restarts them as after a failure)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if point in ("mid-epoch", "stop"):
+            logged = [s for s in _losses_safe(run) if (epoch - 1) * STEPS_PER_EPOCH < s < epoch * STEPS_PER_EPOCH]
+            ready = bool(logged) and _checkpoint_step(run) in (None, (epoch - 1) * STEPS_PER_EPOCH)
+        elif point == "checkpoint":
+            ready = _checkpoint_step(run) == epoch * STEPS_PER_EPOCH
+        else:
+            ready = _checkpoint_step(run) == epoch * STEPS_PER_EPOCH and not (run / "summary.json").exists()
+        if ready:
+            os.kill(_workers(proc)[rank], signal.SIGTERM if point == "stop" else signal.SIGKILL)
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"never reached {point} of epoch {epoch}:\n{_finish(proc)[-3000:]}")
+
+
+def _restarted(proc, killed: dict[int, int], timeout=240) -> dict[int, int]:
+    """The workers of the next attempt, once both run (none of them one of `killed`)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        workers = _workers(proc)
+        if len(workers) == 2 and not set(workers.values()) & set(killed.values()):
+            return workers
+        time.sleep(0.05)
+    raise AssertionError(f"torchrun did not restart its workers:\n{_finish(proc)[-3000:]}")
+
+
 @linux_only
-def test_torchrun_max_restarts_resumes_after_a_worker_is_killed(tmp_path, uninterrupted):
+def test_plain_torchrun_restarts_after_workers_are_killed_at_several_points(tmp_path, uninterrupted):
+    """Plain torchrun, nothing set: every restart starts its process group (none hangs in init_process_group on
+    the previous attempt's keys in torchrun's shared store) and continues from the last checkpoint; the run ends
+    with the uninterrupted run's losses, bitwise at one thread."""
+    kills = [("mid-epoch", e) for e in range(1, EPOCHS)] + [("checkpoint", e) for e in range(1, EPOCHS)]
+    kills = sorted(kills, key=lambda k: (k[1], k[0] == "checkpoint"))
+    kills = [*kills[:3], ("stop", 2), *kills[3:], ("final", EPOCHS)]
+    if not SOAK:
+        kills = [("mid-epoch", 1), ("stop", 2), ("checkpoint", 2), ("final", EPOCHS)]
     run = tmp_path / "run"
-    proc = _launch(run, "--max-restarts", "1")
-    _wait_for_step(proc, run, 15)  # mid-epoch 2: the last checkpoint is epoch 1's (step 10)
-    logged = max(_losses_safe(run))
-    os.kill(_workers(proc)[1], signal.SIGKILL)
-    out = _finish(proc)
+    proc = _launch(run, "--max-restarts", str(len(kills)), plain=True)
+    resumed_from = []
+    try:
+        for n, (point, epoch) in enumerate(kills):
+            workers = _restarted(proc, {})
+            _kill_when(proc, run, point, epoch, rank=n % 2)
+            _restarted(proc, workers)
+            resumed_from.append(_checkpoint_step(run) or 0)  # what the new workers resume from
+    finally:
+        out = _finish(proc)
     assert proc.returncode == 0, out[-3000:]
-    resumed = [e for e in _events(run) if e["event"] == "auto-resume"]
-    assert len(resumed) == 1 and resumed[0]["step"] == logged // 10 * 10 and resumed[0]["restart"] == 1
-    assert _losses(run) == _losses(uninterrupted)  # every step, bitwise at one thread
-    assert _load(run / "checkpoint.pt")["step"] == _load(uninterrupted / "checkpoint.pt")["step"] == 30
+    resumed = [e for e in _events(run) if e["event"] in ("auto-resume", "restart")]  # restart: no checkpoint yet
+    assert [e["step"] for e in resumed] == resumed_from, resumed
+    assert [e["restart"] for e in resumed if e["event"] == "auto-resume"] == [
+        n + 1 for n, step in enumerate(resumed_from) if step > 0]
+    stops = [e["step"] for e in _events(run) if e["event"] == "stopped"]
+    assert stops == [resumed_from[[p for p, _ in kills].index("stop")]]  # every process stopped at this step
+    _assert_same_run(run, uninterrupted, stops[0])
+
+
+def _assert_same_run(run, uninterrupted, stop: int) -> None:
+    """The run's metrics and final weights are the uninterrupted run's, bitwise at one thread, but for the stop at
+    step `stop`: it logged a line of its own, and the line that ends its interval averages fewer steps."""
+    ours, theirs = _losses(run), _losses(uninterrupted)
+    split = {stop, min(-(-stop // 5) * 5, -(-stop // STEPS_PER_EPOCH) * STEPS_PER_EPOCH)}  # --log-every 5
+    assert {k: v for k, v in ours.items() if k not in split} == {k: v for k, v in theirs.items() if k not in split}
+    assert set(ours) - set(theirs) <= {stop} and set(theirs) <= set(ours)
+    final, whole = _load(run / "checkpoint.pt"), _load(uninterrupted / "checkpoint.pt")
+    assert final["step"] == whole["step"] == EPOCHS * STEPS_PER_EPOCH
+    for part in ("backbone", "projector", "predictor", "target_backbone", "target_projector"):
+        assert all(torch.equal(final[part][k], whole[part][k]) for k in whole[part]), part
+
+
+def test_stop_checks_are_planned_to_fit_stop_within(capsys):
+    """Under torchrun the processes compare stop requests every `every` steps: as many steps as fit --stop-within
+    with a checkpoint write (1.5 x the last) and a second, at most one log interval; before any step is measured,
+    after every step. One process needs no check."""
+    from fastpred.train.stops import StopRequests
+
+    stops = StopRequests(None, rank=0, world_size=2, within_s=20)
+    assert stops.every == 1
+    stops.plan(step_s=0.1, save_s=1.0, log_every=50)
+    assert stops.every == 50
+    stops.plan(step_s=2.0, save_s=4.0, log_every=50)
+    assert stops.every == 6 and [s for s in range(1, 20) if stops.check_due(s)] == [6, 12, 18]  # (20 - 6 - 1) / 2
+    assert capsys.readouterr().err == ""
+    stops.plan(step_s=30.0, save_s=4.0, log_every=50)
+    assert stops.every == 1
+    assert "warning: a step (30.0 s) and a checkpoint write (4.0 s) take longer than --stop-within 20 s: a stop " \
+           "request will take about 34 s" in capsys.readouterr().err
+    assert not StopRequests(None, rank=0, world_size=1).check_due(6)
 
 
 @linux_only
 def test_torchrun_preemption_stops_cleanly_and_the_same_command_finishes(tmp_path, capsys, uninterrupted):
+    """SIGTERM to the launcher and both workers while another process keeps the other core busy: the stop still
+    fits torchrun's grace period and leaves the checkpoint."""
     run = tmp_path / "run"
     proc = _launch(run)
-    _wait_for_step(proc, run, 12)
+    _wait_for_step(proc, run, STEPS_PER_EPOCH + 3)
     workers = _workers(proc)
-    signalled = time.time()
-    for pid in (proc.pid, *workers.values()):  # what SLURM does at preemption: every process of the job step
-        os.kill(pid, signal.SIGTERM)
-    out = _finish(proc)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        signalled = time.time()
+        for pid in (proc.pid, *workers.values()):  # what SLURM does at preemption: every process of the job step
+            os.kill(pid, signal.SIGTERM)
+        out = _finish(proc)
+    finally:
+        busy.kill()
+        busy.wait()
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
     assert time.time() - signalled < 30  # torchrun's grace period before it SIGKILLs its workers
     assert "Traceback" not in out and "ChildFailedError" not in out and "forcefully" not in out
     state = _load(run / "checkpoint.pt")
-    assert f"stopped at step {state['step']}; checkpoint written" in out and state["step"] % 5 == 0
-    assert state["world_size"] == 2 and state["global_batch"] == 16 and state["batch_in_epoch"] == state["step"] % 10
+    assert f"stopped at step {state['step']}; checkpoint written" in out and state["step"] > STEPS_PER_EPOCH
+    assert state["world_size"] == 2 and state["global_batch"] == 128
+    assert state["batch_in_epoch"] == state["step"] % STEPS_PER_EPOCH
     assert _events(run)[-1]["event"] == "stopped"
 
-    # One process cannot continue it silently (global batch 8 instead of 16); keeping the global batch can.
+    # One process cannot continue it silently (global batch 64 instead of 128); keeping the global batch can.
     other = tmp_path / "other"
     shutil.copytree(run, other)
     line = _error(capsys, ["--resume", str(other)], 2)
-    assert "written by 2 process(es) with a global batch of 16" in line and "--batch-size 16" in line
-    assert main(["--resume", str(other), "--batch-size", "16"]) == 0
-    assert _events(other)[-1]["changed"] == {"batch_size": [8, 16], "world_size": [2, 1]}
-    assert _load(other / "checkpoint.pt")["step"] == 30
+    assert "written by 2 process(es) with a global batch of 128" in line and "--batch-size 128" in line
+    assert main(["--resume", str(other), "--batch-size", "128", "--final-probe", "false"]) == 0
+    assert _events(other)[-1]["changed"] == {"batch_size": [64, 128], "world_size": [2, 1]}
+    assert _load(other / "checkpoint.pt")["step"] == EPOCHS * STEPS_PER_EPOCH
 
     proc = _launch(run)  # the job, requeued: the same command
     out = _finish(proc)
     assert proc.returncode == 0, out[-3000:]
-    assert _losses(run) == _losses(uninterrupted)
+    _assert_same_run(run, uninterrupted, state["step"])

@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
+import sys
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -12,6 +16,9 @@ import torch
 from fastpred.data.errors import DataError, require_ffcv
 
 ORDERS = ("random", "quasi_random", "sequential")
+#: Seconds an epoch's FFCV thread may take to stop once its batches are no longer wanted. It checks for the stop
+#: every 0.5 s between batches, so this is one batch's decoding with a wide margin.
+STOP_TIMEOUT_S = 30.0
 
 
 def _pair(x: int | tuple[int, int]) -> tuple[int, int]:
@@ -224,25 +231,69 @@ class _FFCVLoader:
         torch_threads = torch.get_num_threads()
         it = iter(self._loader)
         torch.set_num_threads(torch_threads)  # see __init__
-        while True:
-            if pending is not None:
-                pending.synchronize()
-            try:
-                batch = dict(zip(self._names, next(it), strict=True))
-            except StopIteration:
-                return
-            images = batch[image_field]
-            extra = ()
-            if isinstance(images, tuple):
-                images, extra = images[0], images[1:]
-            out = [torch.from_numpy(images), torch.from_numpy(batch[label_field]).view(-1)]
-            out += [torch.from_numpy(e) for e in extra]
-            if self.device is not None:
-                out = [t.to(self.device, non_blocking=True) for t in out]
-                if cuda:
-                    pending = torch.cuda.Event()
-                    pending.record()
-            yield tuple(out)
+        try:
+            while True:
+                if pending is not None:
+                    pending.synchronize()
+                _wait_for_batch(it)
+                try:
+                    batch = dict(zip(self._names, next(it), strict=True))
+                except StopIteration:
+                    return
+                images = batch[image_field]
+                extra = ()
+                if isinstance(images, tuple):
+                    images, extra = images[0], images[1:]
+                out = [torch.from_numpy(images), torch.from_numpy(batch[label_field]).view(-1)]
+                out += [torch.from_numpy(e) for e in extra]
+                if self.device is not None:
+                    out = [t.to(self.device, non_blocking=True) for t in out]
+                    if cuda:
+                        pending = torch.cuda.Event()
+                        pending.record()
+                yield tuple(out)
+        finally:  # the epoch ended, or its batches are no longer wanted (a stop, --max-steps, an error)
+            _stop_epoch(it)
+
+
+def _wait_for_batch(it) -> None:
+    """Returns once FFCV's epoch thread has a batch (or the end) queued; raises if it died without one.
+
+    FFCV's `__next__` waits on its queue without a timeout, so a thread that raised (its traceback is printed)
+    would leave this process waiting forever. The wait wakes at each batch put, and once a second to look."""
+    q = getattr(it, "output_queue", None)
+    if q is None:  # not FFCV's EpochIterator: nothing to watch
+        return
+    with q.not_empty:
+        while not q.queue and it.is_alive():
+            q.not_empty.wait(1.0)
+        if not q.queue:
+            raise DataError("the FFCV loader's thread ended without finishing its epoch (its error is printed above)")
+
+
+def _stop_epoch(it) -> None:
+    """Stops an epoch's FFCV thread and waits for it, at most STOP_TIMEOUT_S; then releases its memory.
+
+    FFCV's own close() releases the memory without waiting for the thread, which may still be decoding into it.
+    The batches it queued are dropped meanwhile: its last put (the end of the epoch) has no timeout and would block
+    forever on a full queue. A thread that does not stop is left to end with the process (it is a daemon), with
+    one line saying so."""
+    if not hasattr(it, "terminate_event"):
+        return
+    it.terminate_event.set()
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while it.is_alive() and time.monotonic() < deadline:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                it.output_queue.get_nowait()
+        it.join(0.05)
+    if it.is_alive():
+        print(f"warning: waited {STOP_TIMEOUT_S:g} s for an FFCV loader thread to stop; left running",
+              file=sys.stderr, flush=True)
+        return
+    if not it.closed:  # FFCV never sets it: mark it so that its __del__ does not release the memory again
+        it.close()
+        it.closed = True
 
 
 class TwoViewLoader(_FFCVLoader):

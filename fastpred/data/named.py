@@ -96,7 +96,7 @@ def named_betons(name: str, rank: int = 0) -> tuple[Path, Path]:
             if not path.exists():  # written to a temporary file and renamed: a present file is complete
                 print(f"writing {named.title} ({split}) to {path}", flush=True)
                 write_beton(named.source(split), path, compress_probability=0.0, workers=1)
-    barrier()
+    barrier(f"process 0's write of the {named.title} cache")
     return paths
 
 

@@ -86,6 +86,18 @@ def _plain_dtype(*args) -> np.dtype:
     return dtype
 
 
+_scalar = np.int64(0).__reduce__()[0]  # numpy's scalar constructor, wherever this numpy version keeps it
+
+
+def _plain_scalar(dtype, data=None):
+    """A numpy scalar (a label a batch re-pickled from numpy kept as np.int64) from its dtype and raw bytes (a str
+    of latin-1 characters in a pickle Python 2 wrote)."""
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes | str):
+        # An object scalar is built from an arbitrary unpickled object rather than from bytes.
+        raise _Refused("a numpy scalar that is not plain data")
+    return _scalar(dtype, data)
+
+
 def _latin1_bytes(text: str, encoding: str) -> bytes:
     if encoding != "latin1":  # Python 3's protocol 2 spells bytes as _codecs.encode(text, "latin1"), nothing else
         raise _Refused(f"_codecs.encode(..., {encoding!r})")
@@ -95,7 +107,8 @@ def _latin1_bytes(text: str, encoding: str) -> bytes:
 # Everything a CIFAR-10 python batch may call while unpickling, by the (module, name) the pickle spells.
 # Python 2's cPickle wrote the real files: a dict of str, list, int and one uint8 ndarray, which needs numpy's
 # ndarray, dtype and _reconstruct (under numpy 1's `numpy.core`; numpy 2 keeps it in `numpy._core`). A batch
-# pickled again by Python 3 needs _codecs.encode for bytes (protocol 2) or _frombuffer for arrays (protocol 5).
+# pickled again by Python 3 needs _codecs.encode for bytes (protocol 2) or _frombuffer for arrays (protocol 5);
+# one whose labels were numpy integers needs numpy's scalar(dtype, bytes), plain data as dtype is.
 _reconstruct = np.empty(0).__reduce__()[0]  # numpy's own functions, wherever this numpy version keeps them
 _frombuffer = np.empty(0).__reduce_ex__(5)[0]
 _CIFAR_GLOBALS = {
@@ -105,6 +118,8 @@ _CIFAR_GLOBALS = {
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy.core.numeric", "_frombuffer"): _frombuffer,
     ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy.core.multiarray", "scalar"): _plain_scalar,
+    ("numpy._core.multiarray", "scalar"): _plain_scalar,
     ("_codecs", "encode"): _latin1_bytes,
 }
 

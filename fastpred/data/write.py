@@ -8,7 +8,8 @@ worker loop is replaced here: FFCV's parent waits for a sample counter that a cr
 workers share one page order that a dead worker blocks, and an image bigger than a page raises in a worker. Here
 every image is checked and encoded before it takes page space, each worker reports success, a bad image or its
 own failure on a queue, and the parent watches both the queue and the workers' exit codes, so any failure ends
-the write with one message and no file.
+the write with one message and no file. No wait is unbounded: a worker that encodes no image for --stall-timeout
+seconds (stuck on a network file, a decoder that never returns) ends the write too, with exit code 7.
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ MIN_PAGE_SIZE = 1 << 23  # FFCV's default page (8 MiB); pages grow in powers of 
 MAX_PAGE_SIZE = 1 << 32  # FFCV stores the page size as uint32
 MAX_SIDE = (1 << 16) - 1  # FFCV stores heights and widths as uint16
 _COMPRESS_SALT = 0x5EED  # raw or JPEG is drawn from (salt, image index): the same source gives the same file
+#: Seconds the writer waits for any worker to finish an image. One image takes milliseconds (a 500 px JPEG) to
+#: seconds (a 100-megapixel TIFF kept at full size); ten minutes without one is a worker stuck on a read.
+DEFAULT_STALL_TIMEOUT_S = 600.0
+EXIT_STALLED = 7
+
+
+class Stalled(DataError):
+    """No worker finished an image within the stall timeout; nothing was written."""
 
 
 class _BadImage(Exception):
@@ -126,14 +135,14 @@ def _worker(source, tasks, results, done, metadata_sm, metadata_type, allocator,
                         results.put(("bad", str(e)))
                         return  # the parent stops every worker; this one's pages are never written
                     skipped.append((i, e.where, e.reason))
-                    continue
-                allocator.set_current_sample(i)
-                images["data_ptr"][i], storage = allocator.malloc(data.nbytes)
-                storage[:] = data
-                images["mode"][i], images["height"][i], images["width"][i] = mode, height, width
-                labels[i] = label
-            with done.get_lock():
-                done.value += len(chunk)
+                else:
+                    allocator.set_current_sample(i)
+                    images["data_ptr"][i], storage = allocator.malloc(data.nbytes)
+                    storage[:] = data
+                    images["mode"][i], images["height"][i], images["width"][i] = mode, height, width
+                    labels[i] = label
+                with done.get_lock():  # per image, skipped ones too: the parent's stall bound is one image's time
+                    done.value += 1
         allocator.__exit__(None, None, None)  # writes this worker's last page, in page order
         del metadata, images, labels
         results.put(("done", allocator.allocations, skipped))
@@ -151,11 +160,13 @@ def _describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
-def _write_pages(source, tmp: Path, page_size: int, workers: int, options: tuple, skip_bad: bool):
+def _write_pages(source, tmp: Path, page_size: int, workers: int, options: tuple, skip_bad: bool,
+                 stall_timeout: float = DEFAULT_STALL_TIMEOUT_S):
     """Writes every image of `source` to `tmp` with `workers` processes.
 
     Returns the number of images written and the skipped ones as (index, where, why). Raises DataError on a bad
-    image (without `skip_bad`) or a failed worker, KeyboardInterrupt on Ctrl-C; `tmp` is then incomplete."""
+    image (without `skip_bad`) or a failed worker, Stalled when no image was finished (skipped images count) for
+    `stall_timeout` seconds, KeyboardInterrupt on Ctrl-C; `tmp` is then incomplete."""
     from ffcv.fields import IntField, RGBImageField
     from ffcv.memory_allocator import MemoryAllocator
     from ffcv.writer import DatasetWriter
@@ -179,6 +190,7 @@ def _write_pages(source, tmp: Path, page_size: int, workers: int, options: tuple
         for p in processes:
             p.start()
         allocations, skipped, finished = [], [], 0
+        last_done, last_change = -1, time.monotonic()
         while finished < workers:
             try:
                 message = results.get(timeout=0.2)
@@ -187,6 +199,13 @@ def _write_pages(source, tmp: Path, page_size: int, workers: int, options: tuple
                 dead = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
                 if dead:
                     raise DataError(f"a writer process died ({_describe_exit(dead[0])}); nothing written") from None
+                if done.value != last_done:
+                    last_done, last_change = done.value, time.monotonic()
+                elif time.monotonic() - last_change > stall_timeout:
+                    stuck = sum(p.is_alive() for p in processes) - finished
+                    raise Stalled(f"waited {stall_timeout:g} s for the writer processes to finish an image "
+                                  f"({done.value} of {n} done, {stuck} still at work): one is stuck; nothing "
+                                  "written (--stall-timeout)") from None
                 continue
             if message[0] == "bad":
                 raise DataError(message[1])
@@ -196,8 +215,8 @@ def _write_pages(source, tmp: Path, page_size: int, workers: int, options: tuple
             skipped += message[2]
             finished += 1
         progress.update(n)
-        for p in processes:
-            p.join()
+        for p in processes:  # every page is on disk once a worker reports done; `finally` ends a worker that hangs
+            p.join(timeout=min(10.0, stall_timeout))
         kept = n - len(skipped)
         if kept == 0:
             _, where, why = min(skipped)
@@ -266,6 +285,7 @@ def write_beton(
     workers: int = -1,
     force: bool = False,
     skip_bad: bool = False,
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT_S,
 ) -> int:
     """Write `source` (indexable of `(uint8 (H, W, 3), int)`) to `out` with fields `image` and `label`.
 
@@ -274,7 +294,8 @@ def write_beton(
     same choices), as raw pixels otherwise. Pages are sized so that every image fits raw; a JPEG larger than
     its raw pixels is stored raw. The file appears atomically, or not at all. With `skip_bad`, images that
     cannot be read are left out and listed, with the reason, in `OUT.skipped.txt`; otherwise the first one is a
-    DataError. Returns the number of images written.
+    DataError. A write in which no worker finishes an image for `stall_timeout` seconds ends with Stalled (a
+    DataError), nothing written. Returns the number of images written.
     """
     require_ffcv()
     out = Path(out)
@@ -292,6 +313,8 @@ def write_beton(
         raise DataError(f"--jpeg-quality must be in [1, 100], got {jpeg_quality}")
     if max_resolution is not None and max_resolution < 0:
         raise DataError(f"--max-resolution must be >= 0 (0: keep the original size), got {max_resolution}")
+    if not stall_timeout > 0:
+        raise DataError(f"--stall-timeout must be > 0 seconds, got {stall_timeout}")
     max_pixels = None
     if not max_resolution and hasattr(source, "max_pixels"):
         max_pixels = source.max_pixels()  # ImageFolder: one header read per file
@@ -302,7 +325,7 @@ def write_beton(
     skipped_list = out.with_name(out.name + ".skipped.txt")
     tmp_list = skipped_list.with_name(f".{skipped_list.name}.tmp{os.getpid()}")
     try:
-        kept, skipped = _write_pages(source, tmp, page_size, workers, options, skip_bad)
+        kept, skipped = _write_pages(source, tmp, page_size, workers, options, skip_bad, stall_timeout)
         if skipped:
             tmp_list.write_text("".join(f"{where}\t{why}\n" for _, where, why in skipped))
         os.replace(tmp, out)
@@ -374,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         "(default: the first one is an error and nothing is written)",
     )
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT_S,
+                   help=f"seconds without a finished image before the write is given up, exit {EXIT_STALLED} "
+                   f"(default {DEFAULT_STALL_TIMEOUT_S:g})")
     args = p.parse_args(argv)
     on_main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if on_main_thread else {}
@@ -385,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         kept = write_beton(
             source, args.out, max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality,
             compress_probability=args.compress_probability, workers=args.workers, force=args.force,
-            skip_bad=args.skip_bad,
+            skip_bad=args.skip_bad, stall_timeout=args.stall_timeout,
         )
         size = os.path.getsize(args.out)
         print(f"wrote {kept} images to {args.out} ({size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
@@ -394,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipped {len(source) - kept} images that could not be read or stored{listed}")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_STALLED if isinstance(e, Stalled) else 2
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
         # Only a signal in the last microseconds, between the rename and here, finds the new file in place.

@@ -11,6 +11,9 @@ RUN_DIR/eval-<protocol>.json:
   code's protocol for STL-10 and CIFAR-10);
 - linear: the augmented linear evaluation of SimSiam's Appendix A (fastpred.eval.linear), top-1 and top-5, a state
   per epoch in RUN_DIR/eval-linear.pt, --resume to continue it.
+
+Exit codes: 0 done (or stopped by --stop-after), 2 bad input, and under torchrun 5 (the processes did not all
+start within --start-timeout) or 6 (a collective waited past --dist-timeout, or another process left it).
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fastpred.core.distributed import DEFAULT_TIMEOUT_MIN
+    from fastpred.core.distributed import DEFAULT_START_TIMEOUT_S, DEFAULT_TIMEOUT_MIN
     from fastpred.core.models import BACKBONES
+    from fastpred.eval.linear import LARS_MIN_IMAGES
 
     p = _Parser(prog="python -m fastpred.eval", description=__doc__.split("\n\n")[1].replace("\n", " "))
     p.add_argument("run_dir", metavar="RUN_DIR",
@@ -56,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int,
                    help="side of the crops (default: the run's; without a run 224, or 32 for the small backbones)")
     p.add_argument("--optimizer", choices=("lars", "sgd"),
-                   help="linear: lars (published: batch 4096, base lr 0.02) or sgd (batch 256, base lr 30)")
+                   help="linear: lars (published: batch 4096, base lr 0.02) or sgd (batch 256, base lr 30); "
+                   f"default lars from {LARS_MIN_IMAGES} training images on, sgd below")
     p.add_argument("--batch-size", type=int, help="linear: images per step over all processes")
     p.add_argument("--lr", type=float, help="linear: base learning rate, scaled by batch / 256")
     p.add_argument("--resume", action="store_true", help="linear: continue RUN_DIR/eval-linear.pt")
@@ -66,13 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_MIN,
                    help=f"minutes a collective waits under torchrun (default {DEFAULT_TIMEOUT_MIN:g})")
+    p.add_argument("--start-timeout", type=float, default=DEFAULT_START_TIMEOUT_S,
+                   help="seconds the processes under torchrun wait for each other to start "
+                   f"(default {DEFAULT_START_TIMEOUT_S:g}; then exit 5)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fastpred.core.distributed import WaitFailed
+
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
+    except WaitFailed as e:  # every process says what it waited for
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return e.code
     except (EvalError, DataError) as e:
         return _error(e)
 
@@ -103,6 +116,8 @@ def _check_flags(args) -> None:
         raise EvalError(f"--lr must be > 0, got {args.lr}")
     if not args.dist_timeout > 0:
         raise EvalError(f"--dist-timeout must be > 0 minutes, got {args.dist_timeout}")
+    if not args.start_timeout > 0:
+        raise EvalError(f"--start-timeout must be > 0 seconds, got {args.start_timeout}")
 
 
 def _run(args) -> int:
@@ -148,14 +163,24 @@ def _run(args) -> int:
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     else:
         try:
-            rank, world_size, device = collective.setup(args.device, args.dist_timeout)
-        except RuntimeError as e:  # --device cuda without a GPU
+            rank, world_size, device = collective.setup(args.device, args.dist_timeout, args.start_timeout)
+        except RuntimeError as e:  # --device cuda without a GPU (a start that failed is a StartFailed)
             raise EvalError(str(e)) from None
+    code = 1  # a crash, unless _evaluate returns or fails in a known way
     try:
-        return _evaluate(args, cfg, run_dir, checkpoint, step, arch, backbone, feat_dim, rank, world_size, device)
+        code = _evaluate(args, cfg, run_dir, checkpoint, step, arch, backbone, feat_dim, rank, world_size, device)
+        return code
+    except (EvalError, DataError):
+        code = 2
+        raise
+    except RuntimeError as e:  # a collective that lost a process: the knn's gathers, the probe's reductions
+        if collective.peer_failure(e):
+            code = collective.EXIT_PEER_LOST
+            raise collective.peer_lost(e) from e
+        raise
     finally:
         if not joined:
-            collective.teardown()
+            collective.teardown(code)  # bounded; past it, exit with this run's code
 
 
 def _evaluate(args, cfg, run_dir, checkpoint, step, arch, backbone, feat_dim, rank, world_size, device) -> int:
@@ -209,14 +234,13 @@ def _evaluate(args, cfg, run_dir, checkpoint, step, arch, backbone, feat_dim, ra
                                   "momentum": 0.9, "schedule": "cosine", "standardised": True, "seed": seed}
             summary = f"{_plural(epochs, 'epoch')} on standardised features"
     else:
-        from fastpred.eval.linear import PUBLISHED, PUBLISHED_EPOCHS, LinearSettings, linear_eval
+        from fastpred.eval.linear import linear_eval, protocol_settings
 
-        optimizer = args.optimizer or "lars"
-        settings = LinearSettings(
-            epochs=args.epochs or PUBLISHED_EPOCHS, optimizer=optimizer,
-            batch_size=args.batch_size or PUBLISHED[optimizer][0], base_lr=args.lr or PUBLISHED[optimizer][1],
-            seed=seed,
-        )
+        settings, note = protocol_settings(sets.size("train"), optimizer=args.optimizer, batch_size=args.batch_size,
+                                           base_lr=args.lr, epochs=args.epochs, seed=seed)
+        optimizer = settings.optimizer
+        if note and rank == 0:
+            print(note, flush=True)
         source = {"checkpoint": str(checkpoint), "step": step, "arch": arch, "train": str(split.train),
                   "val": str(split.val), "resolution": resolution}
         out = linear_eval(backbone, feat_dim, num_classes, sets, preprocess, settings,

@@ -34,6 +34,13 @@ LINEAR_FORMAT = "fastpred-eval-linear-1"
 #: The published (batch, base learning rate) of each optimizer; the learning rate is base x batch / 256.
 PUBLISHED = {"lars": (4096, 0.02), "sgd": (256, 30.0)}
 PUBLISHED_EPOCHS = 90
+#: LARS at batch 4096 is the published setting for ImageNet (1.28M images: 312 steps per epoch). On a small set it
+#: takes a step or two per epoch, 90-180 in all, and stays at chance (the digits: 0.10 after 2 epochs); SGD at
+#: batch 256 takes 16x more steps. The default optimizer is LARS from this many training images on (100 steps
+#: per epoch), SGD below.
+LARS_MIN_IMAGES = 100 * PUBLISHED["lars"][0]
+#: An epoch with fewer steps than this is warned about (an optimizer or batch the user chose).
+FEW_STEPS = 10
 
 
 @dataclasses.dataclass
@@ -54,6 +61,31 @@ class LinearSettings:
 
     def lr_at(self, epoch: int) -> float:
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs))
+
+
+def protocol_settings(train_images: int, *, optimizer: str | None = None, batch_size: int | None = None,
+                      base_lr: float | None = None, epochs: int | None = None,
+                      seed: int = 0) -> tuple[LinearSettings, str | None]:
+    """The protocol's settings for a training set of `train_images`, with what the user gave, and a one-line note
+    (None if there is nothing to say): the optimizer chosen by size when not given, or a warning when an epoch
+    would take fewer than FEW_STEPS steps. The learning rate is base_lr x batch / 256 as published."""
+    chosen = optimizer or ("lars" if train_images >= LARS_MIN_IMAGES else "sgd")
+    batch = batch_size or PUBLISHED[chosen][0]
+    if optimizer is None and batch_size is None and train_images < FEW_STEPS * batch:
+        # A set too small for FEW_STEPS steps at batch 256: the largest power of two that gives them (at least 16
+        # images per step); the learning rate follows the batch, as published.
+        batch = max(16, 1 << max(0, (train_images // FEW_STEPS).bit_length() - 1))
+    settings = LinearSettings(epochs=epochs or PUBLISHED_EPOCHS, optimizer=chosen, batch_size=batch,
+                              base_lr=base_lr or PUBLISHED[chosen][1], seed=seed)
+    steps = math.ceil(train_images / batch)
+    if steps < FEW_STEPS:
+        return settings, (f"warning: the linear protocol takes {steps} step(s) per epoch at batch {batch} on "
+                          f"{train_images} training images; pass a smaller --batch-size")
+    if optimizer is None and chosen == "sgd":
+        return settings, (f"linear: SGD at batch {batch}, lr {settings.lr:.4g} (SimSiam's alternative) for "
+                          f"{train_images} training images; the published LARS at batch 4096 is the default from "
+                          f"{LARS_MIN_IMAGES} images on (--optimizer lars)")
+    return settings, None
 
 
 class AugmentedLoader(_FFCVLoader):
@@ -155,7 +187,7 @@ def linear_eval(
                     torch.save({"format": LINEAR_FORMAT, "epoch": epoch + 1, "settings": saved,
                                 "head": head.state_dict(), "optimizer": optimizer.state_dict(),
                                 "train_loss": history}, f)
-            collective.barrier()
+            collective.barrier(f"the other processes after epoch {epoch + 1}'s state was written")
             if stop_after is not None and epoch + 1 == stop_after and epoch + 1 < settings.epochs:
                 return None
         val, labels = extract_features(backbone, sets.loader("val"), preprocess, device, amp=amp, feat_dim=feat_dim)

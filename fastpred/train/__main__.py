@@ -11,6 +11,8 @@ Exit codes, one per way a run ends (every non-zero one but a crash's is one `err
     3          diverged: non-finite losses or parameters; the line names the first bad step and the last good
                checkpoint (no checkpoint is ever written from a non-finite state)
     4          the run folder could not be written (disk full, no permission); the previous checkpoint is intact
+    5          under torchrun, the processes did not all start within --start-timeout (a process never joined)
+    6          under torchrun, a collective or barrier waited past --dist-timeout, or another process left it
     128 + N    stopped by signal N (130 SIGINT, 143 SIGTERM) after writing a checkpoint: resume it
 """
 
@@ -31,8 +33,24 @@ EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_WRITE_FAILED = 2, 3, 4
 
 def main(argv: list[str] | None = None) -> int:
     given = vars(train_config.build_parser().parse_args(argv))
+    code = 1  # a crash, unless one of the outcomes below
+    try:
+        code = _outcome(given)
+        return code
+    finally:
+        from fastpred.core import distributed
+
+        distributed.teardown(code)  # bounded: NCCL's can hang when a peer is gone; past it, exit with `code`
+
+
+def _outcome(given: dict) -> int:
+    from fastpred.core.distributed import WaitFailed
+
     try:
         return _run(given)
+    except WaitFailed as e:  # every process says what it waited for: they need not have waited for the same thing
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return e.code
     except (train_config.ConfigError, RunError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -70,7 +88,10 @@ def _run(given: dict) -> int:
         cfg = train_config.resumed(saved, given)
     else:
         cfg = train_config.resolve(given)
-    rank, world_size, device = distributed.setup(cfg.device, cfg.dist_timeout)
+    try:
+        rank, world_size, device = distributed.setup(cfg.device, cfg.dist_timeout, cfg.start_timeout)
+    except RuntimeError as e:  # --device cuda without a GPU, or torchrun's variables half set
+        raise train_config.ConfigError(str(e)) from None
     try:
         if cfg.resume:
             run = RunDir.open(cfg.resume, writer=rank == 0)
@@ -106,8 +127,10 @@ def _run(given: dict) -> int:
         if rank == 0:
             _print_summary(summary)
         return 0
-    finally:
-        distributed.teardown()
+    except RuntimeError as e:  # a collective outside a labelled wait (DDP's, the step's) that lost a process
+        if distributed.peer_failure(e):
+            raise distributed.peer_lost(e) from e
+        raise
 
 
 def _check_long_run_flags(given: dict) -> None:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastpred.core import distributed
 from fastpred.core.files import WriteError, writing
 from fastpred.train.guard import all_finite, first_nonfinite, tensors_in
 from fastpred.train.run_dir import CHECKPOINT_FORMAT, RunError, kept_name
@@ -139,7 +140,8 @@ class CheckpointWriter:
         if fresh:
             bad = (~all_finite(tensors_in(state), self.device)).float().reshape(1)
             if self.world_size > 1:
-                dist.all_reduce(bad)
+                with distributed.waiting(f"the other processes' check of the state to checkpoint at step {t.step}"):
+                    dist.all_reduce(bad)
             if bad.item():
                 t.guard.diverged(f"non-finite values in the state to checkpoint at step {t.step} (first: "
                                  f"{first_nonfinite(state) or 'on another process'}); nothing was written",
@@ -158,7 +160,8 @@ class CheckpointWriter:
                 failed = e
         status = torch.tensor([float(failed is not None)], device=self.device)
         if self.world_size > 1:
-            dist.all_reduce(status)  # also the barrier: no process runs ahead of the write
+            with distributed.waiting(f"process 0's checkpoint write at step {t.step}"):
+                dist.all_reduce(status)  # also the barrier: no process runs ahead of the write
         if status.item():
             raise failed or WriteError("process 0 could not write the checkpoint")
         self.saved_step = t.step

@@ -90,6 +90,8 @@ class Config:
     final_probe_epochs: int = 100
     tensorboard: bool = False  # also write TensorBoard event files to RUN_DIR/tensorboard (fastpred[tensorboard])
     dist_timeout: float = 30.0  # minutes a collective waits for the slowest process under torchrun before failing
+    start_timeout: float = 300.0  # seconds the processes under torchrun wait for each other to start (then exit 5)
+    stop_within: float = 20.0  # seconds from a stop signal to its checkpoint on disk, planned for (torchrun gives 30)
     log_every: int = 10  # steps per metrics line
     spectrum_every: int = 50  # record F's and W's spectra every k steps (0: never)
     progress: str = "auto"  # auto (a bar on a terminal), bar, plain
@@ -285,6 +287,10 @@ def check(cfg: Config, given: dict[str, typing.Any]) -> None:
         raise ConfigError("--tensorboard needs the tensorboard package: pip install 'fastpred[tensorboard]'")
     if cfg.dist_timeout <= 0:
         raise ConfigError(f"--dist-timeout must be > 0 minutes, got {cfg.dist_timeout}")
+    if cfg.start_timeout <= 0:
+        raise ConfigError(f"--start-timeout must be > 0 seconds, got {cfg.start_timeout}")
+    if cfg.stop_within <= 0:
+        raise ConfigError(f"--stop-within must be > 0 seconds, got {cfg.stop_within}")
     if cfg.pred_lr is not None and cfg.pred_lr <= 0:
         raise ConfigError(f"--pred-lr must be > 0, got {cfg.pred_lr}")
     if cfg.pred_wd is not None and cfg.pred_wd < 0:
@@ -313,7 +319,8 @@ def from_json(text: str) -> Config:
 #: `device` gives other float rounding), so the resumed trajectory is statistically the same, not bitwise.
 RESUMABLE = frozenset({"workers", "threads", "tensorboard", "progress", "log_every", "device", "compile", "max_steps",
                        "knn_every", "final_probe", "final_probe_epochs", "checkpoint_every", "resume", "keep_every",
-                       "auto_resume", "max_nonfinite_steps", "dist_timeout", "resident", "resident_max_mb"})
+                       "auto_resume", "max_nonfinite_steps", "dist_timeout", "start_timeout", "stop_within",
+                       "resident", "resident_max_mb"})
 
 #: Settings an explicit --resume may change on purpose, recorded in the run folder (events.jsonl, config.json): a
 #: lower lr rescues a diverged run from its last good checkpoint; batch_size keeps the global batch (and with it the

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from fastpred import threads
+from fastpred.core import distributed
 from fastpred.data.named import NAMED_SOURCES
 from fastpred.train import data as train_data
 from fastpred.train.checkpoint import CheckpointWriter, load_state_dict, state_dict
@@ -50,7 +51,8 @@ class Trainer(Learner):
         self.train_time = 0.0  # seconds in training steps (evaluation and checkpoints excluded)
         self.images_seen = 0  # source images (two views each), all ranks
         self.guard = DivergenceGuard(run, rank=rank, limit=cfg.max_nonfinite_steps, lr=cfg.lr, device=device)
-        self.stops = StopRequests(run, rank=rank)
+        self.stops = StopRequests(run, rank=rank, world_size=world_size, device=device, within_s=cfg.stop_within)
+        self._save_s = 0.0  # seconds the last checkpoint took (its write and the barrier), for the stop plan
         self.checkpoints = CheckpointWriter(run, rank=rank, world_size=world_size, device=device,
                                             checkpoint_every=cfg.checkpoint_every, keep_every=cfg.keep_every,
                                             epochs=cfg.epochs)
@@ -89,7 +91,7 @@ class Trainer(Learner):
         self.log.start_progress(self.step)
         views = self.sources.train_views
         start = time.perf_counter()
-        last_log_images, last_log_time = self.images_seen, self.train_time
+        last_log_images, last_log_time, last_log_step = self.images_seen, self.train_time, self.step
         self.guard.start()
         while self.epoch < cfg.epochs and not self._done():
             views.set_epoch(self.epoch, self.batch_in_epoch)
@@ -100,47 +102,59 @@ class Trainer(Learner):
                 self.images_seen += self.global_batch
                 stop_here = self.stops.requested and self.world_size == 1
                 epoch_end = self.batch_in_epoch == self.steps_per_epoch
-                if self.step % cfg.log_every == 0 or epoch_end or stop_here or self._done():
-                    values = self._read_accumulators()  # waits for the device: the interval's time is exact
+                log_due = self.step % cfg.log_every == 0 or epoch_end or self._done()
+                if not log_due and self.stops.check_due(self.step):  # under torchrun, between log intervals
+                    stop_here = self.stops.agreed(self.step)
+                if log_due or stop_here:
+                    values = self._read_accumulators(time.perf_counter() - t0)  # waits for the device
                     self.train_time += time.perf_counter() - t0
                     record = self._interval_record(values)
                     interval = self.train_time - last_log_time
                     record["images_per_sec"] = (self.images_seen - last_log_images) / max(interval, 1e-9)
-                    last_log_images, last_log_time = self.images_seen, self.train_time
+                    self.stops.plan(values["interval_s"] / self.world_size / max(self.step - last_log_step, 1),
+                                    values["save_s"] / self.world_size, cfg.log_every)
+                    last_log_images, last_log_time, last_log_step = self.images_seen, self.train_time, self.step
                     self.log.interval(record)
                     # Before this state reaches any checkpoint.
                     self.guard.check(values, self.step, self.checkpoints.last)
                     stop_here = record.pop("stop_requested") or stop_here
-                    if epoch_end:  # the epoch's evaluation and checkpoint, before any stop: resumes start clean
+                    if epoch_end:  # the epoch's checkpoint before any stop: resumes start clean
                         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                        self._end_of_epoch()
+                        self._end_of_epoch(monitor=not stop_here)  # a stop does not wait for the kNN monitor
                     if stop_here:
                         self.log.end_progress()
-                        self.checkpoints.save(self)
+                        self._save_checkpoint()
                         self.stops.stop(self.step, self.epoch)
                     t0 = time.perf_counter()  # evaluation and checkpoints are not training time
                 if self._done():
                     break
         self.log.end_progress()
-        self.checkpoints.save(self)  # skipped when the last epoch's has just been written
+        self._save_checkpoint()  # skipped when the last epoch's has just been written
+        # A request that came after the last interval's check must not wait for the final evaluation.
+        if self.stops.agreed(self.step) if self.world_size > 1 else self.stops.requested:
+            self.stops.stop(self.step, self.epoch)
         self.stops.enter_final_phase(self.step)
         return self._finish(time.perf_counter() - start)
 
     def _done(self) -> bool:
         return bool(self.cfg.max_steps) and self.step >= self.cfg.max_steps
 
-    def _read_accumulators(self) -> dict[str, float]:
+    def _read_accumulators(self, interval_s: float) -> dict[str, float]:
         acc = self._acc
         if self.stops.requested:
             acc[HEALTH.index("stop")] = 1.0
-        # Whether a parameter or buffer is non-finite rides along: one fused reduction, read with the rest.
+        # Whether a parameter or buffer is non-finite rides along: one fused reduction, read with the rest. So do
+        # this process's seconds of training in the interval and of its last checkpoint: summed, every process
+        # plans its stop checks from the same numbers.
         modules = [self.online] if self.target is None else [self.online, self.target]
         finite = all_finite(itertools.chain.from_iterable(
             itertools.chain(m.parameters(), m.buffers()) for m in modules), self.device)
-        packed = torch.cat([acc, (~finite).to(acc.dtype).reshape(1)])
+        times = torch.tensor([interval_s, self._save_s], dtype=acc.dtype, device=acc.device)
+        packed = torch.cat([acc, (~finite).to(acc.dtype).reshape(1), times])
         if self.world_size > 1:
-            dist.all_reduce(packed)  # sums over ranks; also how every rank learns that one was asked to stop
-        values = dict(zip((*HEALTH, "nonfinite_model"), packed.tolist(), strict=True))
+            with distributed.waiting(f"the other processes at the log interval of step {self.step}"):
+                dist.all_reduce(packed)  # sums over ranks; also how every rank learns that one was asked to stop
+        values = dict(zip((*HEALTH, "nonfinite_model", "interval_s", "save_s"), packed.tolist(), strict=True))
         values["nonfinite_run"] = self.guard.read_run(values["nonfinite_loss"], self.world_size)
         self._acc = torch.zeros_like(acc)
         return values
@@ -171,15 +185,22 @@ class Trainer(Learner):
             record.update(compile_counts())
         return record
 
-    def _end_of_epoch(self) -> None:
-        if self.evaluations.monitor_due(self.epoch):
+    def _end_of_epoch(self, monitor: bool = True) -> None:
+        if monitor and self.evaluations.monitor_due(self.epoch):
             last = self.epoch == self.cfg.epochs or self._done()
-            knn = self.evaluations.monitor(self.online.backbone, self.step, last=last)
+            with distributed.waiting(f"the other processes in the kNN monitor of epoch {self.epoch}", watchdog=False):
+                knn = self.evaluations.monitor(self.online.backbone, self.step, last=last)
             self.log.append({"kind": "eval", "step": self.step, "epoch": float(self.epoch), "knn_acc": knn})
             if knn is not None:
                 self.log.say(f"epoch {self.epoch}: kNN accuracy on the held-out set {knn:.4f}")
         if self.checkpoints.due(self.epoch):
-            self.checkpoints.save(self)
+            self._save_checkpoint()
+
+    def _save_checkpoint(self) -> None:
+        fresh, started = self.checkpoints.saved_step != self.step, time.perf_counter()
+        self.checkpoints.save(self)
+        if fresh:  # a write, not the skip of a step already saved
+            self._save_s = time.perf_counter() - started
 
     def _finish(self, wall: float) -> dict:
         last = self.log.last_train_record()
@@ -187,8 +208,12 @@ class Trainer(Learner):
             "steps": self.step, "epochs": self.step / self.steps_per_epoch, "train_time_s": self.train_time,
             "wall_time_s": wall, "images_per_sec": self.images_seen / max(self.train_time, 1e-9),
             "output_std": last.get("output_std"), "effective_rank": self._last_health.get("effective_rank"),
-            **self.evaluations.final(self.online.backbone, self.step),
+            **self._final_evaluation(),
             "held_out": self.sources.held_out_note,
         }
         self.log.summary(summary, self.step)
         return summary
+
+    def _final_evaluation(self) -> dict:
+        with distributed.waiting("the other processes in the final evaluation", watchdog=False):
+            return self.evaluations.final(self.online.backbone, self.step)

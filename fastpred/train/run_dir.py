@@ -101,7 +101,7 @@ class RunDir:
             raise RunError(f"--out {run.path} already holds a run; resume it with --resume {run.path} "
                            "(or the same command with --auto-resume) or choose another folder")
         run.check_writable("--out")
-        barrier()  # every rank has looked before rank 0 writes
+        barrier("the other processes' look at the run folder")  # every rank has looked before rank 0 writes
         return run
 
     def check_writable(self, flag: str) -> None:
