@@ -376,14 +376,25 @@ def _checkpoint_step(run) -> int | None:
         return None
 
 
-def _kill_when(proc, run, point: str, epoch: int, rank: int, timeout=240) -> None:
+def _starts(run) -> int:
+    """How many attempts have started the run (each truncates the metrics logged after its checkpoint first)."""
+    try:
+        return sum(e["event"] in ("start", "restart", "auto-resume") for e in _events(run))
+    except (OSError, ValueError):
+        return 0  # not written yet, or a line being written
+
+
+def _kill_when(proc, run, point: str, epoch: int, rank: int, attempt: int, timeout=240) -> None:
     """Waits for `point` of the run (mid-epoch: a line logged inside `epoch`; checkpoint: the checkpoint at the
     end of `epoch` written; final: the last checkpoint written, the final evaluation under way), then SIGKILLs the
     worker of `rank` (point "stop": SIGTERMs it mid-epoch, which stops every worker at one step, with exit 143:
-    torchrun restarts them as after a failure)."""
+    torchrun restarts them as after a failure). Only what attempt `attempt` (1-based) logged counts: the lines a
+    killed attempt left are dropped by the next one when it starts."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if point in ("mid-epoch", "stop"):
+        if _starts(run) < attempt:
+            ready = False
+        elif point in ("mid-epoch", "stop"):
             logged = [s for s in _losses_safe(run) if (epoch - 1) * STEPS_PER_EPOCH < s < epoch * STEPS_PER_EPOCH]
             ready = bool(logged) and _checkpoint_step(run) in (None, (epoch - 1) * STEPS_PER_EPOCH)
         elif point == "checkpoint":
@@ -424,7 +435,7 @@ def test_plain_torchrun_restarts_after_workers_are_killed_at_several_points(tmp_
     try:
         for n, (point, epoch) in enumerate(kills):
             workers = _restarted(proc, {})
-            _kill_when(proc, run, point, epoch, rank=n % 2)
+            _kill_when(proc, run, point, epoch, rank=n % 2, attempt=n + 1)
             _restarted(proc, workers)
             resumed_from.append(_checkpoint_step(run) or 0)  # what the new workers resume from
     finally:
