@@ -445,6 +445,27 @@ def load_probe_data(p: Protocol) -> tuple[tuple, tuple]:
     return fashion_mnist("train", p.train_subset), fashion_mnist("test", p.test_subset)
 
 
+def baselines(p: Protocol, root: Path, seeds: list[int], probe_data=None) -> dict:
+    """What the probe gives without any training, to read the runs against: small_cnn at random initialisation
+    (torch.manual_seed(seed), per seed) and the raw pixels (preprocessed alike). Cached in root per subset."""
+    from fastpred.eval import linear_probe_accuracy
+
+    path = root / f"baselines-n{p.train_subset}-t{p.test_subset}-p{p.probe_epochs}.json"
+    known = json.loads(path.read_text()) if path.exists() else {"random_init": {}}
+    missing = [s for s in seeds if str(s) not in known["random_init"]]
+    if missing or "raw_pixels" not in known:
+        (xt, yt), (xv, yv) = probe_data or load_probe_data(p)
+        for seed in missing:
+            torch.manual_seed(seed)
+            known["random_init"][str(seed)] = probe(small_cnn()[0].state_dict(), (xt, yt), (xv, yv),
+                                                    epochs=p.probe_epochs)
+        if "raw_pixels" not in known:
+            known["raw_pixels"] = linear_probe_accuracy(preprocess(xt).flatten(1), yt, preprocess(xv).flatten(1), yv,
+                                                        epochs=p.probe_epochs, seed=0, device="cpu")
+        path.write_text(json.dumps(known))
+    return known
+
+
 def run_one(p: Protocol, system: str, aug: str, seed: int, root: Path, tag: str = "", probe_data=None) -> dict:
     """Train (unless run_dir already holds a finished run), probe every epoch's backbone, and return the row."""
     key = p.key(system, aug, seed, tag)
@@ -513,9 +534,9 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def figure(rows: list[dict], path: Path) -> None:
+def figure(rows: list[dict], path: Path, base: dict | None = None) -> None:
     """Probe accuracy against wall-clock time: one colour per system, solid for docs and dashed for matched
-    augmentation, one line per seed."""
+    augmentation (dotted for a tagged variant), one line per seed; grey lines: the untrained baselines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -527,12 +548,20 @@ def figure(rows: list[dict], path: Path) -> None:
     for r in sorted(rows, key=lambda r: (r["system"], r["aug"], r["seed"])):
         name = f"{r['system']} ({r['aug']}" + (f", {r['tag']}" if r.get("tag") else "") + ")"
         ax.plot([pt["wall_s"] for pt in r["points"]], [pt["probe"] for pt in r["points"]], marker="o",
-                color=colours.get(r["system"], "k"), linestyle="-" if r["aug"] == "docs" else "--",
+                color=colours.get(r["system"], "k"),
+                linestyle=":" if r.get("tag") else "-" if r["aug"] == "docs" else "--",
                 alpha=0.85, label=None if name in labelled else name)
         labelled.add(name)
+    if base:
+        inits = list(base["random_init"].values())
+        ax.axhspan(min(inits), max(inits), color="0.85", zorder=0, label="random init (seeds)")
+        ax.axhline(base["raw_pixels"], color="0.5", linestyle="-.", linewidth=1, label="raw pixels")
+    p = rows[0]["protocol"]
+    n = f"{p['train_subset']:,}" if p["train_subset"] else "60,000"
     ax.set_xlabel("wall-clock time since launch, s (start-up included, probes excluded)")
     ax.set_ylabel("linear probe top-1 (Fashion-MNIST test)")
-    ax.set_title("BYOL on Fashion-MNIST, small_cnn, batch 256, 2 torch threads")
+    ax.set_title(f"BYOL, Fashion-MNIST ({n} training images), small_cnn, batch {p['batch_size']}, "
+                 f"{p['threads']} torch threads", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -609,9 +638,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in read_rows(results) if r["protocol"]["epochs"] == p.epochs
                 and r["protocol"]["train_subset"] == p.train_subset]
         if rows:
+            base = baselines(p, root, sorted({r["seed"] for r in rows}), probe_data)
             print(table(rows))
+            inits = ", ".join(f"{v:.3f} (seed {k})" for k, v in base["random_init"].items())
+            print(f"untrained: random init {inits}; raw pixels {base['raw_pixels']:.3f}")
             if args.figure:
-                figure(rows, Path(args.figure))
+                figure(rows, Path(args.figure), base)
                 print(f"figure: {args.figure}")
     except PeerError as e:
         print(f"error: {e}", file=sys.stderr)
