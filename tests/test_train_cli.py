@@ -1,5 +1,6 @@
 """The trainer's command line: every bad input gives one `error:` line, exit code 2, and touches nothing."""
 
+import dataclasses
 import json
 import os
 
@@ -103,3 +104,12 @@ def test_run_folder_contents(capsys, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["images_per_sec"] > 0 and summary["linear_probe_acc"] is None
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_help_lists_every_flag():
+    # argparse %-formats help texts: a field comment with a literal "%" once made --help crash.
+    from fastpred.train.config import Config, build_parser
+
+    text = build_parser().format_help()
+    for f in dataclasses.fields(Config):
+        assert f"--{f.name.replace('_', '-')}" in text

@@ -232,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     comments = _field_comments()
     for f in dataclasses.fields(Config):
         tp = _base_type(hints[f.name])
-        kwargs: dict[str, typing.Any] = {"help": comments.get(f.name, ""), "dest": f.name}
+        # argparse %-formats help texts: a literal "25%" in a comment would break --help.
+        kwargs: dict[str, typing.Any] = {"help": comments.get(f.name, "").replace("%", "%%"), "dest": f.name}
         if tp is bool:
             kwargs.update(type=_bool, nargs="?", const=True, metavar="BOOL")
         else:
