@@ -194,11 +194,17 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 
 
 def _field_comments() -> dict[str, str]:
-    """The trailing comment of each field above: the help text of its flag, written once."""
-    import inspect
+    """The trailing comment of each field above: the help text of its flag, written once. Read from this file's
+    text, the class's lines only: inspect.getsource would parse the module with `ast` on every call, and CPython
+    3.11's ast can be left raising SystemError ("recursion depth mismatch") in a process where a signal
+    interrupted an earlier parse."""
+    from pathlib import Path
 
+    lines = Path(__file__).read_text().splitlines()
+    start = lines.index("class Config:")
+    end = next(i for i in range(start + 1, len(lines)) if lines[i] and not lines[i][0].isspace())
     out = {}
-    for line in inspect.getsource(Config).splitlines():
+    for line in lines[start:end]:
         name, sep, rest = line.strip().partition(":")
         if sep and "#" in rest and name.isidentifier():
             out[name] = rest.split("#", 1)[1].strip()
