@@ -33,8 +33,9 @@ def pixels(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     from fastpred.data.named import NAMED_SOURCES
 
     source = NAMED_SOURCES[name].source(split)
-    images = np.stack([source[i][0] for i in range(len(source))])
-    labels = np.asarray([source[i][1] for i in range(len(source))])
+    pairs = [source[i] for i in range(len(source))]  # each image read once: a source builds it on every access
+    images = np.stack([image for image, _ in pairs])
+    labels = np.asarray([label for _, label in pairs])
     if images.ndim == 4 and (images == images[..., :1]).all():  # grey stored as three equal channels: one is enough
         images = images[..., 0]
     return images.reshape(len(images), -1).astype(np.float32) / 255.0, labels
