@@ -1,0 +1,39 @@
+"""The ablation's command line and table, and the raw-pixel baselines, on the embedded digits (no training run)."""
+
+import json
+
+from fastpred.train import ablation, pixel_baselines
+
+
+def test_rows_per_data_set(capsys):
+    assert ablation.main(["--data", "fashion-mnist", "--list"]) == 0
+    listed = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == list(ablation.PAPER)
+    assert ablation.main(["--list"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == len(ablation.rows()) == 20
+    assert ablation.preset_for("fashion-mnist") == "fashion-mnist" and ablation.preset_for("digits") == "digits"
+
+
+def test_bad_rows_and_epochs_are_one_line(capsys):
+    assert ablation.main(["--only", "byol-nothing"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown row(s) byol-nothing")
+    assert ablation.main(["--epochs", "0", "--only", "byol-mlp"]) == 2
+    assert "--epochs must be >= 1" in capsys.readouterr().err
+
+
+def test_table_cells_and_baseline_rows():
+    results = {"byol-directpred": [{"linear_probe_acc": 0.9, "knn_acc": 0.8}, {"linear_probe_acc": 0.8}]}
+    baselines = {"knn": {"accuracy": 0.855, "seconds": 69.2, "settings": "kNN (k=5)"}}
+    text = ablation.table(results, baselines)
+    assert "| byol-directpred | 0.850 (0.800-0.900) | 0.800 |" in text
+    assert "| raw pixels: kNN (k=5) | 0.855 |" in text and text.rstrip().endswith("| 69 |")
+
+
+def test_pixel_baselines_on_the_digits_are_cached(tmp_path):
+    cache = tmp_path / "pixels.json"
+    first = pixel_baselines.measure("digits", ["knn"], cache=cache)["knn"]
+    assert 0.9 < first["accuracy"] <= 1.0 and first["train_images"] == 1437
+    stored = json.loads(cache.read_text())
+    stored["knn"]["accuracy"] = -1.0  # a cached result is reused, not recomputed
+    cache.write_text(json.dumps(stored))
+    assert pixel_baselines.measure("digits", ["knn"], cache=cache)["knn"]["accuracy"] == -1.0
