@@ -10,6 +10,7 @@ The full contract is in DESIGN.md ("The numerical contract of DirectPredictor").
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 
 from fastpred import torch_backend
 from fastpred.alerts import CounterAlert
+from fastpred.kernels._common import FILTERS
 
 #: Lower bound on every eigenvalue p of W (part of the DirectPred contract).
 P_FLOOR = 1e-4
@@ -44,6 +46,14 @@ class DirectPredictor(nn.Module):
         alpha: exponent on the normalised eigenvalues, > 0. 0.5 is DirectPred; 1 is DirectCopy
             (W = F / max s + eps I), which needs only the largest eigenvalue, not a full eigh.
         freq: recompute W after every ``freq``-th fold (>= 1).
+        filter: the function g of F's spectrum in W = U diag(p) U^T. ``"power"`` (default): DirectPred's
+            p = (s / max s) ** alpha + eps. The log filters of Zhuo et al. (ICLR 2023, rank differential mechanism)
+            act on sigma = sqrt(filter_scale * s), the singular values of a batch of ``filter_scale`` rows with
+            correlation F: ``"log"`` log sigma, ``"log1p"`` log(1 + sigma), ``"log1p_sq"`` log(1 + sigma^2), each
+            normalised by its value at max s: p = max(g(sigma) / g(sigma_max) + eps, 1e-4) (``alpha`` unused).
+            Their polynomial filter sigma ** k is ``"power"`` with alpha = k / 2.
+        filter_scale: the rows N in sigma^2 = N s, > 0; required by the log filters (ignored by ``"power"``). The
+            authors' code takes the SVD of one view's global batch, so theirs is the global batch size per view.
         trainable: make W an ``nn.Parameter`` trained by gradient between refreshes, each refresh
             resetting it from F (the paper's ``freq > 1`` variant). Off by default: W is a buffer.
         groups: split the features into ``groups`` contiguous blocks of d / groups and give each its
@@ -93,6 +103,8 @@ class DirectPredictor(nn.Module):
         backend: str = "auto",
         sweeps: int = 6,
         solver: str = "jacobi",
+        filter: str = "power",
+        filter_scale: float | None = None,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
@@ -106,6 +118,9 @@ class DirectPredictor(nn.Module):
         if solver == "orth" and dim // groups > ORTH_MAX_BLOCK:
             raise ValueError(f"solver='orth' needs dim / groups <= {ORTH_MAX_BLOCK} (a block in registers), got "
                              f"{dim // groups}; use solver='jacobi' or more groups")
+        _check_filter(filter, filter_scale, alpha)
+        self.filter = filter
+        self.filter_scale = None if filter_scale is None else float(filter_scale)
         self.dim, self.rho, self.eps, self.alpha = dim, float(rho), float(eps), float(alpha)
         self.freq, self.groups, self.trainable = freq, groups, trainable
         self.backend, self.sweeps, self.solver = backend, sweeps, solver
@@ -146,6 +161,8 @@ class DirectPredictor(nn.Module):
 
     def extra_repr(self) -> str:
         parts = [f"{self.dim}", f"rho={self.rho}", f"eps={self.eps}", f"alpha={self.alpha}", f"freq={self.freq}"]
+        if self.filter != "power":
+            parts.append(f"filter={self.filter!r}, filter_scale={self.filter_scale}")
         if self.groups != 1:
             parts.append(f"groups={self.groups}")
         if self.trainable:
@@ -207,7 +224,8 @@ class DirectPredictor(nn.Module):
             return False
         self.num_folds += 1
         if (folds + 1) % self.freq == 0:
-            torch_backend.refresh_predictor_(self.F, self.U, self.W, alpha=self.alpha, eps=self.eps, floor=P_FLOOR)
+            torch_backend.refresh_predictor_(self.F, self.U, self.W, alpha=self.alpha, eps=self.eps, floor=P_FLOOR,
+                                             filter=self.filter, scale=self.filter_scale)
         return True
 
     def _step_on_device(self, z: torch.Tensor, backend: ModuleType) -> None:
@@ -224,6 +242,7 @@ class DirectPredictor(nn.Module):
             self.F, self.U, self.W, self.full_solve_next, self.unconverged_solves,
             enable=valid & (self.num_folds % self.freq == 0),
             alpha=self.alpha, eps=self.eps, floor=P_FLOOR, sweeps=self.sweeps, solver=self.solver,
+            filter=self.filter, scale=self.filter_scale,
         )  # fmt: skip
 
     def _backend_for(self, device: torch.device) -> ModuleType:
@@ -264,6 +283,18 @@ class DirectPredictor(nn.Module):
             raise ValueError(f"DirectPredictor expected a floating-point input, got {z.dtype}")
         if z.device != self.F.device:
             raise ValueError(f"DirectPredictor is on {self.F.device} but its input is on {z.device}")
+
+
+def _check_filter(filter: str, filter_scale: float | None, alpha: float) -> None:
+    if filter not in FILTERS:
+        raise ValueError(f"filter must be one of {', '.join(FILTERS)}, got {filter!r}")
+    if filter == "power":
+        return
+    if isinstance(filter_scale, bool) or not isinstance(filter_scale, (int, float)) or not 0 < filter_scale < math.inf:
+        raise ValueError(f"filter={filter!r} needs filter_scale > 0 (N in sigma^2 = N s; the authors': the global "
+                         f"batch size per view), got {filter_scale!r}")
+    if alpha != 0.5:
+        raise ValueError(f"alpha applies only to filter='power' (filter={filter!r} has no exponent), got {alpha!r}")
 
 
 def _check_arguments(*, dim: int, rho: float, eps: float, alpha: float, freq: int, groups: int) -> None:

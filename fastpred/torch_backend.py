@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from fastpred.kernels._common import feature_blocks, full_fp32_matmul
+from fastpred.kernels._common import feature_blocks, filter_weights, full_fp32_matmul
 
 __all__ = ["diagonal_is_finite", "feature_blocks", "fold_", "fold_ema_", "grouped_gram", "refresh_predictor_"]
 
@@ -69,17 +69,27 @@ def fold_ema_(F: torch.Tensor, C: torch.Tensor, rho: float, first: torch.Tensor,
 
 
 def refresh_predictor_(
-    F: torch.Tensor, U: torch.Tensor, W: torch.Tensor, *, alpha: float, eps: float, floor: float
+    F: torch.Tensor,
+    U: torch.Tensor,
+    W: torch.Tensor,
+    *,
+    alpha: float,
+    eps: float,
+    floor: float,
+    filter: str = "power",
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Set W = U diag(p) U^T from F (G, m, m) in place; returns the (G,) mask of blocks that were updated.
 
-    p = max((clamp(s, 0) / max s) ** alpha + eps, floor). F is finite by construction (`fold_` drops
-    non-finite batches). A block whose largest eigenvalue is not positive (an all-zero F) keeps its
-    previous W; U always becomes F's eigenbasis. For alpha = 1 and eps >= floor (DirectCopy) the
-    floor never binds and W = F / max s + eps I: only eigenvalues are computed. W is symmetric up to
-    fp32 rounding of the product.
+    p = max((clamp(s, 0) / max s) ** alpha + eps, floor), or for a log filter (`filter_weights`, fp32)
+    p = max(g(sigma) / g(sigma_max) + eps, floor) with sigma = sqrt(scale * clamp(s, 0)). F is finite by
+    construction (`fold_` drops non-finite batches). A block whose largest eigenvalue is not positive (an all-zero
+    F), or whose g(sigma_max) is not, keeps its previous W; U always becomes F's eigenbasis. For the power filter
+    with alpha = 1 and eps >= floor (DirectCopy) the floor never binds and W = F / max s + eps I: only eigenvalues
+    are computed. W is symmetric up to fp32 rounding of the product.
     """
-    if alpha == 1.0 and eps >= floor:
+    ok = None
+    if filter == "power" and alpha == 1.0 and eps >= floor:
         s_max = torch.linalg.eigvalsh(F)[..., -1]  # (G,), ascending order
         new_W = F / s_max[:, None, None]
         new_W.diagonal(dim1=-2, dim2=-1).add_(eps)
@@ -87,14 +97,17 @@ def refresh_predictor_(
         s, basis = torch.linalg.eigh(F)  # (G, m), (G, m, m)
         U.copy_(basis)  # F's eigenbasis whatever happens to W below: only the warm start of a later solve
         s_max = s[..., -1]
-        q = s.clamp(min=0).div_(s_max[:, None])
-        p = (q.sqrt_() if alpha == 0.5 else q.pow_(alpha)).add_(eps).clamp_(min=floor)
+        if filter == "power":
+            q = s.clamp(min=0).div_(s_max[:, None])
+            p = (q.sqrt_() if alpha == 0.5 else q.pow_(alpha)).add_(eps).clamp_(min=floor)
+        else:
+            p, ok = filter_weights(s, filter, scale, eps, floor)
         scaled = basis * p[:, None, :]
         with full_fp32_matmul():
             new_W = (scaled[0] @ basis[0].T).unsqueeze(0) if F.shape[0] == 1 else scaled @ basis.mT
     # F is finite, so W is finite wherever max s > 0 (q <= 1 and p >= floor > 0).
-    ok = s_max > 0
-    if float(s_max.min()) > 0:  # the usual case: a plain copy instead of a select over every element
+    ok = s_max > 0 if ok is None else ok & (s_max > 0)
+    if bool(ok.all()):  # the usual case: a plain copy instead of a select over every element
         W.copy_(new_W)
     else:
         W.copy_(torch.where(ok[:, None, None], new_W, W))

@@ -76,6 +76,8 @@ def refresh_predictor_(
     floor: float,
     sweeps: int,
     solver: str = "jacobi",
+    filter: str = "power",
+    scale: float | None = None,
 ) -> None:
     """Recompute W (G, m, m) from F where the 0-dim device flag `enable` is set; nothing waits on the host.
 
@@ -85,10 +87,11 @@ def refresh_predictor_(
     it reached, is counted in `unconverged` and marks the block in `full_solve_next`, so that the next
     refresh of that block is a full solve (as is the first, cold, one): Jacobi alone with FULL_SWEEPS
     (REGISTER_FULL_SWEEPS for m <= 64) for either solver. A block whose result is non-finite or whose largest
-    eigenvalue is not positive keeps its W and U. DirectCopy (alpha = 1, eps >= floor) needs only max s.
+    eigenvalue is not positive keeps its W and U. DirectCopy (alpha = 1, eps >= floor) needs only max s. A log
+    `filter` (with its `scale`) is applied to the eigenvalues by the construction kernel (`predictor_from_eigh`).
     """
     eye = torch.eye(F.shape[-1], dtype=F.dtype, device=F.device)
-    if alpha == 1.0 and eps >= floor:
+    if filter == "power" and alpha == 1.0 and eps >= floor:
         s_max, _ = largest_eigenvalue(F)  # (G,)
         new_W = F / s_max[:, None, None] + eps * eye
         ok = enable & torch.isfinite(s_max) & (s_max > 0) & torch.isfinite(new_W).all(dim=(-2, -1))
@@ -102,7 +105,7 @@ def refresh_predictor_(
         iters = torch.where(enable & ~full_solve_next, ORTH_ITERS, 0).to(torch.int32)
         _, start, _ = orth_iter(F, U, max_iters=ORTH_ITERS, iters_cap=iters)
     s, basis, converged = eigh_warm(F, start, max_sweeps=max(full, sweeps), sweeps_cap=cap)
-    new_W, finite = predictor_from_eigh(s, basis, alpha, eps, floor=floor)
+    new_W, finite = predictor_from_eigh(s, basis, alpha, eps, floor=floor, filter=filter, scale=scale)
     ok = (enable & finite)[:, None, None]
     W.copy_(torch.where(ok, new_W, W))
     U.copy_(torch.where(ok, basis, U))

@@ -12,7 +12,8 @@ Orthogonal iteration (`orth_iter.py`), the power/QR route:
     orth_iter(F, U0=None, *, max_iters, tol, iters_cap) -> (s, Q, converged)   Q <- qr(F Q), Householder, fp32
     orth_iter_ref(F, U0=None, *, max_iters, tol, dtype) -> (s, Q, converged)   same, plain torch
 Predictor (`predictor.py`):
-    predictor_from_eigh(s, U, alpha, eps, *, out=None, floor=1e-4) -> (W, ok)    W = U diag(p) U^T
+    predictor_from_eigh(s, U, alpha, eps, *, out=None, floor=1e-4, filter="power", scale=None) -> (W, ok)
+                                                                         W = U diag(p) U^T, p a filter of s
     predictor_from_eigh_ref(...)
     predictor_newton_schulz(F, eps, *, iters, smax, out, v0, tol) -> (W, ok)      alpha = 1/2, matmul only
     predictor_newton_schulz_ref(F, eps) -> W

@@ -11,7 +11,12 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["feature_blocks", "full_fp32_matmul"]
+__all__ = ["FILTERS", "feature_blocks", "filter_weights", "full_fp32_matmul"]
+
+#: Spectral filters g of W = U diag(p) U^T. "power" is DirectPred's family, p = (s / max s) ** alpha + eps; the others
+#: are the log filters of Zhuo et al. (ICLR 2023) on sigma = sqrt(scale * s), the singular values of a batch of
+#: `scale` rows whose correlation is F: log sigma, log(1 + sigma), log(1 + sigma^2). Index = the kernel's FILTER.
+FILTERS = ("power", "log", "log1p", "log1p_sq")
 
 
 def feature_blocks(z: torch.Tensor, groups: int) -> torch.Tensor:
@@ -57,3 +62,29 @@ def full_fp32_matmul() -> Iterator[None]:
         if legacy != "highest":
             torch.set_float32_matmul_precision(legacy)
         matmul.fp32_precision, onednn.fp32_precision = saved
+
+
+def filter_weights(
+    s: torch.Tensor, filter: str, scale: float, eps: float, floor: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """p = max(g(s) / g(max s) + eps, floor) for a log filter, in s's dtype; s (..., m) -> (p (..., m), ok (...,)).
+
+    g(s) is log sigma, log(1 + sigma) or log(1 + sigma^2) with sigma^2 = scale * clamp(s, 0). Dividing by g(max s)
+    (the largest, g being increasing) puts p on DirectPred's scale, so eps means the same for every filter; a cosine
+    loss does not see the overall scale. ok is False where g(max s) <= 0 (all of F's spectrum at sigma <= 1 for
+    "log", or max s <= 0): W is then kept. "log" is -inf at s = 0 and negative below sigma = 1, where the floor
+    binds (the authors' code leaves those directions negative, or W non-finite at s = 0).
+    """
+    t = s.clamp(min=0) * scale  # sigma^2
+    if filter == "log":
+        g = 0.5 * t.log()
+    elif filter == "log1p":
+        g = t.sqrt().log1p()
+    elif filter == "log1p_sq":
+        g = t.log1p()
+    else:
+        raise ValueError(f"filter_weights: filter must be one of {', '.join(FILTERS[1:])}, got {filter!r}")
+    top = g.amax(-1, keepdim=True)
+    ok = top[..., 0] > 0
+    p = (g / torch.where(top > 0, top, 1.0) + eps).clamp(min=floor)
+    return p, ok

@@ -2,6 +2,9 @@
 
     q = clamp(s, min=0) / max(s),   p = max(q ** alpha + eps, floor),   W = U diag(p) U^T
 
+or, with a log filter g of sigma = sqrt(scale * clamp(s, 0)) (Zhuo et al. 2023; `_common.FILTERS`),
+p = max(g(sigma) / g(sigma_max) + eps, floor).
+
 - `predictor_from_eigh`: from an eigendecomposition (s, U), fused: p in-kernel, symmetric product,
   and a device-side decision to leave `out` untouched when max(s) <= 0 or anything is non-finite.
 - `predictor_newton_schulz`: alpha = 1/2 without an eigendecomposition (matmul-only square root).
@@ -14,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import FILTERS, filter_weights
 from ._launch import check_grid, full_fp32_matmul, launch_device
 from ._tiles import upper_tile
 
@@ -50,15 +54,38 @@ def _rows_finite_kernel(
 
 
 @triton.jit
+def _log1p(x):
+    # log(1 + x) to fp32 accuracy for small x (1 + x alone loses x's low bits): log(u) * x / (u - 1), u = 1 + x
+    # (Goldberg); the ratio x / (u - 1) corrects the rounding of u. Exact 0 at x = 0.
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _log_filter(s, scale, FILTER: tl.constexpr):
+    # g of sigma = sqrt(scale * clamp(s, 0)) as in `_common.filter_weights`: 1 log sigma, 2 log(1 + sigma),
+    # 3 log(1 + sigma^2)
+    t = tl.maximum(s, 0.0) * scale  # sigma^2
+    if FILTER == 1:
+        g = tl.where(t > 0.0, 0.5 * tl.log(tl.where(t > 0.0, t, 1.0)), float("-inf"))
+    elif FILTER == 2:
+        g = _log1p(tl.sqrt_rn(t))
+    else:
+        g = _log1p(t)
+    return g
+
+
+@triton.jit
 def _predictor_kernel(
     s_ptr, U_ptr, W_ptr, ok_ptr, bad_ptr,
-    n, n_chunks, alpha, eps, floor,
+    n, n_chunks, alpha, eps, floor, scale,
     stride_sb, stride_sk,
     stride_ub, stride_ur, stride_uc,
     stride_wb, stride_wr, stride_wc,
     BLOCK: tl.constexpr,  # square output tile of W
     BLOCK_K: tl.constexpr,  # eigenpairs per reduction step
     ALPHA_MODE: tl.constexpr,  # 0: q ** alpha via exp2/log2, 1: alpha = 1/2 (sqrt), 2: alpha = 1
+    FILTER: tl.constexpr,  # index in FILTERS: 0 power (q ** alpha), 1 log, 2 log1p, 3 log1p_sq of sqrt(scale * s)
 ):
     # Tiles on axis x (they grow as n^2: past 65535 from n = 23105 with 64 x 64 tiles), matrices on y.
     pid = tl.program_id(0)
@@ -78,8 +105,12 @@ def _predictor_kernel(
         f = tl.load(bad_ptr + b * n_chunks + c0 + offs_k, mask=c0 + offs_k < n_chunks, other=0)
         bad = tl.maximum(bad, f.to(tl.int32))
     s_top = tl.max(smax, axis=0)
-    ok = (tl.max(bad, axis=0) == 0) & (s_top > 0.0)  # s_top = NaN also fails here
-    inv_top = 1.0 / tl.where(ok, s_top, 1.0)
+    if FILTER == 0:
+        top = s_top
+    else:
+        top = _log_filter(s_top, scale, FILTER)  # g is increasing: g(max s) = max g
+    ok = (tl.max(bad, axis=0) == 0) & (s_top > 0.0) & (top > 0.0)  # s_top = NaN also fails here
+    inv_top = 1.0 / tl.where(ok, top, 1.0)
 
     offs_m = bm * BLOCK + tl.arange(0, BLOCK)
     offs_n = bn * BLOCK + tl.arange(0, BLOCK)
@@ -87,13 +118,16 @@ def _predictor_kernel(
     for k0 in range(0, tl.where(ok, n, 0), BLOCK_K):
         kk = k0 + offs_k
         sk = tl.load(s_ptr + b * stride_sb + kk * stride_sk, mask=kk < n, other=0.0)
-        q = tl.maximum(sk, 0.0) * inv_top
-        if ALPHA_MODE == 1:
-            qa = tl.sqrt_rn(q)
-        elif ALPHA_MODE == 2:
-            qa = q
+        if FILTER == 0:
+            q = tl.maximum(sk, 0.0) * inv_top
+            if ALPHA_MODE == 1:
+                qa = tl.sqrt_rn(q)
+            elif ALPHA_MODE == 2:
+                qa = q
+            else:
+                qa = tl.where(q > 0.0, tl.exp2(alpha * tl.log2(tl.where(q > 0.0, q, 1.0))), 0.0)
         else:
-            qa = tl.where(q > 0.0, tl.exp2(alpha * tl.log2(tl.where(q > 0.0, q, 1.0))), 0.0)
+            qa = _log_filter(sk, scale, FILTER) * inv_top  # -inf for "log" at s <= 0: the floor below takes it
         p = tl.where(kk < n, tl.maximum(qa + eps, floor), 0.0)  # (BLOCK_K,)
         um = tl.load(U_ptr + b * stride_ub + offs_m[:, None] * stride_ur + kk[None, :] * stride_uc,
                      mask=(offs_m[:, None] < n) & (kk[None, :] < n), other=0.0)  # (BLOCK, BLOCK_K)
@@ -115,7 +149,7 @@ def _batched(x: torch.Tensor, dims: int) -> torch.Tensor:
     return x if x.dim() == dims + 1 else x.unsqueeze(0)
 
 
-def _check_eigh_args(s, U, alpha, eps, out, floor) -> None:
+def _check_eigh_args(s, U, alpha, eps, out, floor, filter="power", scale=None) -> None:
     if not isinstance(U, torch.Tensor) or U.dim() not in (2, 3) or U.shape[-1] != U.shape[-2]:
         raise ValueError(f"predictor_from_eigh: U must be (n, n) or (B, n, n), got {tuple(getattr(U, 'shape', ()))}")
     if s.shape != U.shape[:-1]:
@@ -131,6 +165,10 @@ def _check_eigh_args(s, U, alpha, eps, out, floor) -> None:
         raise ValueError(f"predictor_from_eigh: eps (>= 0) and floor must be Python floats, got {eps!r}, {floor!r}")
     if out is not None and (out.shape != U.shape or out.dtype != torch.float32 or out.device != U.device):
         raise ValueError(f"predictor_from_eigh: out must be float32 {tuple(U.shape)} on {U.device}")
+    if filter not in FILTERS:
+        raise ValueError(f"predictor_from_eigh: filter must be one of {', '.join(FILTERS)}, got {filter!r}")
+    if filter != "power" and (isinstance(scale, torch.Tensor) or scale is None or not float(scale) > 0.0):
+        raise ValueError(f"predictor_from_eigh: filter={filter!r} needs a Python float scale > 0, got {scale!r}")
 
 
 def _identity_like(U: torch.Tensor) -> torch.Tensor:
@@ -146,8 +184,14 @@ def predictor_from_eigh(
     *,
     out: torch.Tensor | None = None,
     floor: float = 1e-4,
+    filter: str = "power",
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """W = U diag(p) U^T with q = clamp(s, 0) / max(s), p = max(q ** alpha + eps, floor), per matrix.
+
+    filter: "power" (the above), or a log filter g of sigma = sqrt(scale * clamp(s, 0)) ("log": log sigma, "log1p":
+    log(1 + sigma), "log1p_sq": log(1 + sigma^2)), with p = max(g(sigma) / g(sigma_max) + eps, floor) and alpha
+    unused; `scale` (> 0) is needed then, and a matrix whose g(sigma_max) <= 0 is treated like max(s) <= 0.
 
     s: (n,) or (B, n) float32 eigenvalues (any order); U: (n, n) or (B, n, n) float32, eigenvectors as
     columns. out: optional W of U's shape, written in place; pass the previous W: a matrix whose
@@ -155,7 +199,7 @@ def predictor_from_eigh(
     no host sync). Without out, such a matrix is the identity (W before any statistics).
     Returns (W, ok) with ok (..,) bool: True where W was written. fp32 throughout, IEEE products.
     """
-    _check_eigh_args(s, U, alpha, eps, out, floor)
+    _check_eigh_args(s, U, alpha, eps, out, floor, filter, scale)
     launch = launch_device(U, _predictor_kernel, "predictor_from_eigh")
     batched = U.dim() == 3
     sb, Ub = _batched(s, 1), _batched(U, 2)
@@ -178,11 +222,11 @@ def predictor_from_eigh(
             )
             _predictor_kernel[build_grid](
                 sb, Ub, Wb, ok, bad,
-                n, n_chunks, alpha, float(eps), float(floor),
+                n, n_chunks, alpha, float(eps), float(floor), 1.0 if scale is None else float(scale),
                 sb.stride(0), sb.stride(1),
                 Ub.stride(0), Ub.stride(1), Ub.stride(2),
                 Wb.stride(0), Wb.stride(1), Wb.stride(2),
-                BLOCK=BLOCK, BLOCK_K=BLOCK_K, ALPHA_MODE=mode, num_warps=4,
+                BLOCK=BLOCK, BLOCK_K=BLOCK_K, ALPHA_MODE=mode, FILTER=FILTERS.index(filter), num_warps=4,
             )
     ok = ok.bool()
     return W, (ok if batched else ok[0])
@@ -213,14 +257,20 @@ def predictor_from_eigh_ref(
     *,
     out: torch.Tensor | None = None,
     floor: float = 1e-4,
+    filter: str = "power",
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of `predictor_from_eigh` (same arguments and semantics), evaluated in float64."""
-    _check_eigh_args(s, U, alpha, eps, out, floor)
+    _check_eigh_args(s, U, alpha, eps, out, floor, filter, scale)
     s64, U64 = s.to(torch.float64), U.to(torch.float64)
     top = s64.amax(-1, keepdim=True)
     ok = torch.isfinite(s64).all(-1) & torch.isfinite(U64).all((-2, -1)) & (top[..., 0] > 0)
-    q = s64.clamp(min=0) / torch.where(top > 0, top, 1.0)
-    p = torch.clamp(q ** float(alpha) + eps, min=floor)
+    if filter == "power":
+        q = s64.clamp(min=0) / torch.where(top > 0, top, 1.0)
+        p = torch.clamp(q ** float(alpha) + eps, min=floor)
+    else:
+        p, g_ok = filter_weights(torch.where(torch.isfinite(s64), s64, 0.0), filter, float(scale), eps, floor)
+        ok &= g_ok
     W_new = ((U64 * p.unsqueeze(-2)) @ U64.transpose(-1, -2)).to(torch.float32)
     W = out if out is not None else _identity_like(U)
     W.copy_(torch.where(ok[..., None, None], W_new, W))

@@ -20,17 +20,27 @@ class Step:
     W: torch.Tensor
 
 
-def predictor_from(F: torch.Tensor, W_prev: torch.Tensor, *, alpha: float, eps: float) -> torch.Tensor:
+def predictor_from(
+    F: torch.Tensor, W_prev: torch.Tensor, *, alpha: float, eps: float, filter: str = "power", scale: float = 1.0
+) -> torch.Tensor:
     s, U = torch.linalg.eigh(F)
     if not torch.isfinite(s).all() or s[-1] <= 0:
         return W_prev
-    q = s.clamp(min=0) / s[-1]
-    p = torch.clamp(q**alpha + eps, min=FLOOR)
+    if filter == "power":
+        q = s.clamp(min=0) / s[-1]
+        p = torch.clamp(q**alpha + eps, min=FLOOR)
+    else:  # Zhuo et al.'s log filters of the singular values sigma of a batch of `scale` rows with correlation F
+        sigma = (scale * s.clamp(min=0)).sqrt()
+        g = {"log": torch.log(sigma), "log1p": torch.log(1 + sigma), "log1p_sq": torch.log(1 + sigma**2)}[filter]
+        if g[-1] <= 0:
+            return W_prev
+        p = torch.clamp(g / g[-1] + eps, min=FLOOR)
     return U @ torch.diag(p) @ U.T
 
 
 def evaluate_stream(
-    batches: list[torch.Tensor], *, rho: float, eps: float, alpha: float, freq: int, dtype: torch.dtype
+    batches: list[torch.Tensor], *, rho: float, eps: float, alpha: float, freq: int, dtype: torch.dtype,
+    filter: str = "power", scale: float = 1.0,
 ) -> list[Step]:
     d = batches[0].shape[1]
     F = None
@@ -45,7 +55,7 @@ def evaluate_stream(
             F = C if F is None else rho * F + (1 - rho) * C
             folds += 1
             if folds % freq == 0:
-                W = predictor_from(F, W, alpha=alpha, eps=eps)
+                W = predictor_from(F, W, alpha=alpha, eps=eps, filter=filter, scale=scale)
         steps.append(Step(out, F.clone() if F is not None else torch.zeros(d, d, dtype=dtype), W.clone()))
     return steps
 
@@ -88,10 +98,11 @@ def run_module(pred, batches, device="cpu"):
     return steps
 
 
-def assert_stream_matches(got, batches, *, rho, eps, alpha, freq, floor):
+def assert_stream_matches(got, batches, *, rho, eps, alpha, freq, floor, filter="power", scale=1.0):
     """Out, F and W of every step within DESIGN's accuracy rule: `floor`, or twice the plain float32 error."""
-    exact = evaluate_stream(batches, rho=rho, eps=eps, alpha=alpha, freq=freq, dtype=torch.float64)
-    plain = evaluate_stream(batches, rho=rho, eps=eps, alpha=alpha, freq=freq, dtype=torch.float32)
+    spectrum = dict(rho=rho, eps=eps, alpha=alpha, freq=freq, filter=filter, scale=scale)
+    exact = evaluate_stream(batches, **spectrum, dtype=torch.float64)
+    plain = evaluate_stream(batches, **spectrum, dtype=torch.float32)
     for t, ((out, F, W), ref, fp32) in enumerate(zip(got, exact, plain, strict=True)):
         checks = (("out", out, ref.out, fp32.out), ("F", F, ref.F, fp32.F), ("W", W, ref.W, fp32.W))
         for name, value, want, baseline in checks:

@@ -8,9 +8,11 @@ from fastpred.train import ablation, pixel_baselines
 def test_rows_per_data_set(capsys):
     assert ablation.main(["--data", "fashion-mnist", "--list"]) == 0
     listed = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
-    assert listed == list(ablation.PAPER)
+    filters = ["byol-directpred-log", "byol-directpred-log1p", "byol-directpred-log1p-sq"]
+    assert listed == [*ablation.PAPER, *filters]
     assert ablation.main(["--list"]) == 0
-    assert len(capsys.readouterr().out.splitlines()) == len(ablation.rows()) == 20
+    assert len(capsys.readouterr().out.splitlines()) == len(ablation.rows()) - len(filters) == 20
+    assert ablation.rows()["byol-directpred-log1p-sq"][-2:] == ["--filter", "log1p_sq"]
     assert ablation.preset_for("fashion-mnist") == "fashion-mnist" and ablation.preset_for("digits") == "digits"
 
 

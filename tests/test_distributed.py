@@ -19,11 +19,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, port: int, batches: list[torch.Tensor], out_dir: str) -> None:
+def _rank_main(rank: int, port: int, batches: list[torch.Tensor], out_dir: str, kwargs: dict | None = None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        pred = DirectPredictor(batches[0].shape[1], rho=0.99, freq=2)
+        pred = DirectPredictor(batches[0].shape[1], **(kwargs or dict(rho=0.99, freq=2)))
         start = sum(SHARD_ROWS[:rank])
         for z in batches:
             pred(z[start : start + SHARD_ROWS[rank]])

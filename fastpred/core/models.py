@@ -88,6 +88,8 @@ def build_predictor(
     trainable: bool = False,
     hidden: int = 512,
     alpha: float | None = None,
+    filter: str = "power",
+    filter_scale: float | None = None,
 ) -> nn.Module | None:
     """The predictor head for a kind in ``PREDICTORS``, mapping (N, dim) -> (N, dim); ``None`` for ``"none"``.
 
@@ -96,9 +98,10 @@ def build_predictor(
     - ``linear``, ``mlp`` (BYOL's head with ``hidden`` units), ``offdiag`` (Wen & Li's I + A_off): trained heads.
     - ``none``: no predictor (the loss compares projections directly).
 
-    ``rho``, ``eps``, ``freq``, ``groups``, ``backend``, ``sweeps``, ``solver`` and ``trainable`` are DirectPredictor's
-    arguments (see its docstring) and ``hidden`` is MLPPredictor's; kinds that do not take one ignore it,
-    so a config can pass all of them whatever the kind.
+    ``rho``, ``eps``, ``freq``, ``groups``, ``backend``, ``sweeps``, ``solver``, ``trainable``, ``filter`` and
+    ``filter_scale`` (passed on for the log filters only) are DirectPredictor's arguments (see its docstring) and
+    ``hidden`` is MLPPredictor's; kinds that do not take one ignore it, so a config can pass all of them whatever
+    the kind.
     """
     if kind in ("directpred", "directcopy"):
         if kind == "directcopy":
@@ -116,6 +119,8 @@ def build_predictor(
             backend=backend,
             sweeps=sweeps,
             solver=solver,
+            filter=filter,
+            filter_scale=filter_scale if filter != "power" else None,
         )
     if kind == "linear":
         return LinearPredictor(dim)

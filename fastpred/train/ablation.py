@@ -33,6 +33,11 @@ TUNED = {
     "linear-lr10x": ["--predictor", "linear", "--pred-lr", "0.5"],
     "offdiag-lr10x": ["--predictor", "offdiag", "--pred-lr", "0.5"],
 }
+# Zhuo et al.'s (ICLR 2023) log filters of the batch's singular values in place of DirectPred's square root, with
+# DirectPred's rho and eps, so that each row differs from byol-directpred by g alone. Not on the digits (their grid
+# is published as is).
+FILTER_ROWS = {f"byol-directpred-{g.replace('_', '-')}": ["--method", "byol", "--predictor", "directpred",
+                                                          "--filter", g] for g in ("log", "log1p", "log1p_sq")}
 COLUMNS = (("linear_probe_acc", "linear probe", 3), ("knn_acc", "kNN", 3),
            ("linear_probe_acc_random_init", "probe at random init", 3), ("output_std", "output std", 3),
            ("effective_rank", "effective rank of F", 2), ("train_time_s", "training s", 0))
@@ -40,14 +45,16 @@ COLUMNS = (("linear_probe_acc", "linear probe", 3), ("knn_acc", "kNN", 3),
 
 def rows() -> dict[str, list[str]]:
     """Every row's trainer flags. The digits keep their full grid (20 rows, as published in docs/benchmarks.md);
-    other data sets run the paper's rows (`PAPER`) unless `--only` names others of the grid."""
+    other data sets run the paper's rows (`PAPER`) and the spectral filters (`FILTER_ROWS`) unless `--only` names
+    others of the grid."""
     out = {f"{m}-{p}": ["--method", m, "--predictor", p] for m in METHODS for p in PREDICTORS}
     out.update({f"{m}-{name}": ["--method", m, *flags] for m in METHODS for name, flags in TUNED.items()})
+    out.update(FILTER_ROWS)
     return out
 
 
 def default_rows(data: str) -> list[str]:
-    return list(rows()) if data == "digits" else list(PAPER)
+    return [name for name in rows() if name not in FILTER_ROWS] if data == "digits" else [*PAPER, *FILTER_ROWS]
 
 
 def preset_for(data: str) -> str:

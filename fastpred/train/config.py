@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from fastpred.core.models import BACKBONES, PREDICTORS
 from fastpred.data.named import NAMED_SOURCES
+from fastpred.kernels._common import FILTERS
 from fastpred.train.optim import OPTIMIZERS, SCHEDULES
 
 
@@ -36,6 +37,7 @@ class Config:
     rho: float = 0.3  # EMA coefficient of F
     eps: float = 0.1  # added to every normalised eigenvalue
     alpha: float | None = None  # exponent on the eigenvalues; default 0.5 (directpred) or 1 (directcopy)
+    filter: str = "power"  # g of F's spectrum: power (s^alpha), or log, log1p, log1p_sq of the batch's singular values
     freq: int = 1  # recompute W after every freq-th step
     groups: int = 1  # block-diagonal predictor with this many blocks
     backend: str = "auto"  # DirectPredictor backend: auto (triton on CUDA, torch on the CPU), torch, triton
@@ -120,7 +122,7 @@ class Config:
 #: Flags that only mean something with certain settings: flag -> (what it needs, a test on the config).
 _APPLIES: dict[str, tuple[str, typing.Callable[[Config], bool]]] = {
     **{k: ("--predictor directpred or directcopy", lambda c: c.uses_direct)
-       for k in ("rho", "eps", "alpha", "freq", "groups", "backend", "sweeps", "solver", "trainable")},
+       for k in ("rho", "eps", "alpha", "filter", "freq", "groups", "backend", "sweeps", "solver", "trainable")},
     "pred_hidden": ("--predictor mlp", lambda c: c.predictor == "mlp"),
     **{k: ("a trained predictor (linear, mlp, offdiag, or directpred/directcopy with --trainable)",
            lambda c: c.trained_predictor) for k in ("pred_lr", "pred_wd", "pred_lr_fixed")},
@@ -183,6 +185,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "backbone": BACKBONES,
     "optimizer": OPTIMIZERS,
     "solver": ("jacobi", "orth"),
+    "filter": FILTERS,
     "lr_scaling": ("none", "linear"),
     "schedule": SCHEDULES,
     "target_ema_schedule": SCHEDULES,
@@ -282,6 +285,8 @@ def check(cfg: Config, given: dict[str, typing.Any]) -> None:
         raise ConfigError("--batch-size must be >= 2 (BatchNorm needs two samples)")
     if not 0 <= cfg.rho < 1:
         raise ConfigError(f"--rho must be in [0, 1), got {cfg.rho}")
+    if cfg.filter != "power" and (cfg.predictor == "directcopy" or "alpha" in given):
+        raise ConfigError(f"--filter {cfg.filter} takes no exponent: use it with --predictor directpred and no --alpha")
     if cfg.solver == "orth" and cfg.proj_dim // cfg.groups > 64:
         raise ConfigError(f"--solver orth needs --proj-dim / --groups <= 64, got {cfg.proj_dim // cfg.groups}")
     if not 0 < cfg.crop_scale <= 1:

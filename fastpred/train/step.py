@@ -101,7 +101,7 @@ class Learner:
         predictor = build_predictor(
             cfg.predictor, cfg.proj_dim, rho=cfg.rho, eps=cfg.eps, freq=cfg.freq, groups=cfg.groups,
             backend=cfg.backend, sweeps=cfg.sweeps, solver=cfg.solver, trainable=cfg.trainable, hidden=cfg.pred_hidden,
-            alpha=cfg.alpha,
+            alpha=cfg.alpha, filter=cfg.filter, filter_scale=self.global_batch,  # sigma^2 = (rows per view) s
         )
         online = Online(backbone, projector, predictor)
         if world_size > 1 and cfg.sync_bn:
