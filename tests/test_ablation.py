@@ -9,9 +9,11 @@ def test_rows_per_data_set(capsys):
     assert ablation.main(["--data", "fashion-mnist", "--list"]) == 0
     listed = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
     filters = ["byol-directpred-log", "byol-directpred-log1p", "byol-directpred-log1p-sq"]
-    assert listed == [*ablation.PAPER, *filters]
+    iso = ["byol-directpred-iso", "byol-directpred-iso-noema"]
+    assert listed == [*ablation.PAPER, *filters, *iso]
     assert ablation.main(["--list"]) == 0
-    assert len(capsys.readouterr().out.splitlines()) == len(ablation.rows()) - len(filters) == 20
+    assert len(capsys.readouterr().out.splitlines()) == len(ablation.rows()) - len(filters) - len(iso) == 20
+    assert ablation.rows()["byol-directpred-iso-noema"][-4:] == ["--loss", "iso", "--target-ema", "0"]
     assert ablation.rows()["byol-directpred-log1p-sq"][-2:] == ["--filter", "log1p_sq"]
     assert ablation.preset_for("fashion-mnist") == "fashion-mnist" and ablation.preset_for("digits") == "digits"
 

@@ -38,6 +38,10 @@ TUNED = {
 # is published as is).
 FILTER_ROWS = {f"byol-directpred-{g.replace('_', '-')}": ["--method", "byol", "--predictor", "directpred",
                                                           "--filter", g] for g in ("log", "log1p", "log1p_sq")}
+# IsoLoss (Halvagal et al., NeurIPS 2023) with DirectPred: with the EMA target, and without it as the authors run it
+# (target EMA 0: the target is the online network, stop-gradient; their `isoloss-noema` configs). Not on the digits.
+_ISO = ["--method", "byol", "--predictor", "directpred", "--loss", "iso"]
+ISO_ROWS = {"byol-directpred-iso": _ISO, "byol-directpred-iso-noema": [*_ISO, "--target-ema", "0"]}
 COLUMNS = (("linear_probe_acc", "linear probe", 3), ("knn_acc", "kNN", 3),
            ("linear_probe_acc_random_init", "probe at random init", 3), ("output_std", "output std", 3),
            ("effective_rank", "effective rank of F", 2), ("train_time_s", "training s", 0))
@@ -45,16 +49,19 @@ COLUMNS = (("linear_probe_acc", "linear probe", 3), ("knn_acc", "kNN", 3),
 
 def rows() -> dict[str, list[str]]:
     """Every row's trainer flags. The digits keep their full grid (20 rows, as published in docs/benchmarks.md);
-    other data sets run the paper's rows (`PAPER`) and the spectral filters (`FILTER_ROWS`) unless `--only` names
-    others of the grid."""
+    other data sets run the paper's rows (`PAPER`), the spectral filters (`FILTER_ROWS`) and IsoLoss (`ISO_ROWS`)
+    unless `--only` names others of the grid."""
     out = {f"{m}-{p}": ["--method", m, "--predictor", p] for m in METHODS for p in PREDICTORS}
     out.update({f"{m}-{name}": ["--method", m, *flags] for m in METHODS for name, flags in TUNED.items()})
     out.update(FILTER_ROWS)
+    out.update(ISO_ROWS)
     return out
 
 
 def default_rows(data: str) -> list[str]:
-    return [name for name in rows() if name not in FILTER_ROWS] if data == "digits" else [*PAPER, *FILTER_ROWS]
+    if data == "digits":
+        return [name for name in rows() if name not in FILTER_ROWS and name not in ISO_ROWS]
+    return [*PAPER, *FILTER_ROWS, *ISO_ROWS]
 
 
 def preset_for(data: str) -> str:

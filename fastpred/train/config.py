@@ -33,6 +33,7 @@ class Config:
     preset: str = "digits"  # the settings below, as published for that data set (every flag overrides them)
     method: str = "byol"  # byol (EMA target) or simsiam (the online network, stop-gradient, is the target)
     predictor: str = "directpred"  # directpred, directcopy, linear, mlp, offdiag or none
+    loss: str = "cosine"  # cosine (BYOL/SimSiam), or iso: IsoLoss, every eigenmode of W learns at one rate
     # --- DirectPredictor (directpred / directcopy only)
     rho: float = 0.3  # EMA coefficient of F
     eps: float = 0.1  # added to every normalised eigenvalue
@@ -193,6 +194,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "progress": ("auto", "bar", "plain"),
     "resident": ("auto", "on", "off"),
     "pred_reg": ("none", "symmetric"),
+    "loss": ("cosine", "iso"),
 }
 
 
@@ -311,6 +313,8 @@ def check(cfg: Config, given: dict[str, typing.Any]) -> None:
         raise ConfigError(f"--groups {cfg.groups} does not divide --proj-dim {cfg.proj_dim}")
     if cfg.resume and cfg.out:
         raise ConfigError("--resume continues the run in its own folder; drop --out")
+    if cfg.loss == "iso" and cfg.predictor == "none":
+        raise ConfigError("--loss iso rescales the gradient through a predictor; it needs one (not --predictor none)")
 
 
 def to_json(cfg: Config) -> str:

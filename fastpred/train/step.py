@@ -22,6 +22,7 @@ from fastpred.core import distributed
 from fastpred.core.models import build_backbone, build_predictor, build_projector
 from fastpred.data.augment import BYOLAugment
 from fastpred.train.config import Config
+from fastpred.train.losses import iso_term
 from fastpred.train.optim import (
     build_optimizer,
     ema_update_,
@@ -41,16 +42,23 @@ HEALTH = ("loss", "probe_correct", "probe_counted", "output_std", "nonfinite_los
 
 
 class Online(nn.Module):
-    """backbone -> projector -> predictor; returns the features h, the projections z and the predictions p."""
+    """backbone -> projector -> predictor; returns the features h, the projections z and the predictions p.
 
-    def __init__(self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module | None):
+    `detach_input`: the predictor sees z.detach() (IsoLoss: the encoder's gradient comes from `iso_term`, not
+    through the predictor; a trained head still learns from the loss at p)."""
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module | None, *,
+                 detach_input: bool = False):
         super().__init__()
         self.backbone, self.projector, self.predictor = backbone, projector, predictor
+        self.detach_input = detach_input
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = self.backbone(x)  # (2B, feat)
         z = self.projector(h)  # (2B, d)
-        return h, z, z if self.predictor is None else self.predictor(z)
+        if self.predictor is None:
+            return h, z, z
+        return h, z, self.predictor(z.detach() if self.detach_input else z)
 
 
 def ssl_loss(p: torch.Tensor, t: torch.Tensor, method: str) -> torch.Tensor:
@@ -103,7 +111,7 @@ class Learner:
             backend=cfg.backend, sweeps=cfg.sweeps, solver=cfg.solver, trainable=cfg.trainable, hidden=cfg.pred_hidden,
             alpha=cfg.alpha, filter=cfg.filter, filter_scale=self.global_batch,  # sigma^2 = (rows per view) s
         )
-        online = Online(backbone, projector, predictor)
+        online = Online(backbone, projector, predictor, detach_input=cfg.loss == "iso")
         if world_size > 1 and cfg.sync_bn:
             # Batch statistics over the global batch, in one all-reduce per layer and no host wait (CUDA and gloo).
             # The target below is a copy, so its BatchNorm is synchronised too, as in BYOL: online and target then
@@ -193,6 +201,8 @@ class Learner:
             else:
                 t = z.detach()  # SimSiam: the other view's projection, stop-gradient
         loss = ssl_loss(p, t, cfg.method)
+        if cfg.loss == "iso":  # same value; the encoder's gradient is the loss's gradient at p (losses.py)
+            loss = loss + iso_term(z, p, t, cfg.method)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
