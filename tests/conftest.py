@@ -26,3 +26,37 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# --cpu-durations N: the N tests that used the most CPU time (this process and the subprocesses it waited for),
+# setup and teardown included. On a shared machine wall-clock durations measure the neighbours as much as the
+# test; CPU seconds are what a test costs on an idle one (for single-threaded tests, about its wall time there).
+def pytest_addoption(parser):
+    parser.addoption("--cpu-durations", type=int, default=0, metavar="N",
+                     help="show the N tests that used the most CPU seconds")
+
+
+_cpu_seconds: dict[str, float] = {}
+
+
+def _cpu_now() -> float:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    start = _cpu_now()
+    yield
+    _cpu_seconds[item.nodeid] = _cpu_now() - start
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    n = config.getoption("--cpu-durations")
+    if n and _cpu_seconds:
+        terminalreporter.write_sep("=", f"{n} largest CPU times (s, with waited-for subprocesses)")
+        for nodeid, seconds in sorted(_cpu_seconds.items(), key=lambda kv: -kv[1])[:n]:
+            terminalreporter.write_line(f"{seconds:8.1f}  {nodeid}")
+        terminalreporter.write_line(f"{sum(_cpu_seconds.values()):8.1f}  in all")

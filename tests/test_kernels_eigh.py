@@ -130,9 +130,9 @@ def test_per_matrix_cap_and_exact_resolve(device, n):
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_block_path_leaves_finished_matrices_alone(device):
-    # n = 130: 5 blocks of 32, padded to 6. Per-matrix caps 0, 8 and 3 in one batch: the flags read by the
-    # kernels must stop each matrix at its own cap, a capped-at-0 one bitwise untouched (diag(F), identity).
-    n = 130
+    # n = 70: 3 blocks of 32 (the last one padded), padded to 4. Per-matrix caps 0, 8 and 3 in one batch: the flags
+    # read by the kernels must stop each matrix at its own cap, a capped-at-0 one bitwise untouched (diag(F), I).
+    n = 70
     F = _wishart(3, n, 2 * n, device, seed=11)
     cap = torch.tensor([0, 8, 3], dtype=torch.int32, device=device)
     s, U, converged = eigh_warm(F, sweeps_cap=cap, max_sweeps=8)
