@@ -3,6 +3,7 @@ against the decoder's resize, reading raw and JPEG .beton files, the trainer on 
 
 import json
 import math
+import sys
 
 import cv2
 import numpy as np
@@ -198,6 +199,25 @@ def test_trainer_on_the_digits(tmp_path, cache, monkeypatch, capsys, resident, o
     train = [r for r in lines if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2] and all(math.isfinite(r["loss"]) for r in train)
     assert train[0]["epoch"] == pytest.approx(1 / 22)  # 1437 digits in batches of 64: 22 steps either path
+
+
+def test_importing_ffcv_keeps_torch_threads(tmp_path, monkeypatch):
+    """FFCV sets torch's thread count to 1 at import (ffcv.pipeline.compiler); a resident run reads its .beton
+    through FFCV and must keep the count it was given. A stand-in `ffcv` that does the same is imported here."""
+    from fastpred.data.errors import require_ffcv
+
+    (tmp_path / "ffcv").mkdir()
+    (tmp_path / "ffcv" / "__init__.py").write_text("import torch\n\ntorch.set_num_threads(1)\n")
+    monkeypatch.delitem(sys.modules, "ffcv")  # the real one comes back at teardown
+    monkeypatch.syspath_prepend(str(tmp_path))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        require_ffcv()
+        assert sys.modules["ffcv"].__file__ == str(tmp_path / "ffcv" / "__init__.py")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_trainer_errors_are_one_line(tmp_path, cache, monkeypatch, capsys):

@@ -33,6 +33,7 @@ def _error(capsys, argv) -> str:
         (["--epochs", "0"], "--epochs must be >= 1"),
         (["--solver", "orth", "--predictor", "mlp"], "--solver applies only with --predictor directpred"),
         (["--solver", "orth", "--proj-dim", "128"], "--solver orth needs --proj-dim / --groups <= 64, got 128"),
+        (["--cpu-amp", "true", "--amp", "false"], "--cpu-amp applies only with --amp true"),
     ],
 )
 def test_flags_that_do_not_apply_or_cannot_run(capsys, argv, says):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 
 
 class DataError(Exception):
@@ -11,6 +12,13 @@ class DataError(Exception):
 
 def require_ffcv() -> None:
     # ffcv pulls in numba, OpenCV and libturbojpeg at import; its absence must read as one line, not a traceback.
+    if "ffcv" in sys.modules:
+        return
+    import torch
+
+    # Importing ffcv sets torch's thread count to 1 (ffcv.pipeline.compiler calls Compiler.set_num_threads(1) at
+    # import): a run that only reads a .beton (the device-resident path) then trained on one core of two.
+    threads = torch.get_num_threads()
     try:
         importlib.import_module("ffcv")
     except ImportError as e:
@@ -18,3 +26,5 @@ def require_ffcv() -> None:
             f"FFCV is not installed ({e}); install it with `pip install 'fastpred[data]'` "
             "after `apt-get install libopencv-dev libturbojpeg0-dev pkg-config`"
         ) from None
+    finally:
+        torch.set_num_threads(threads)

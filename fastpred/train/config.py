@@ -80,9 +80,10 @@ class Config:
     # --- speed
     device: str = "auto"  # auto (cuda if present), cpu, cuda
     compile: bool = False  # torch.compile the backbone and projector
-    amp: bool = True  # bf16 autocast on CUDA (on the CPU only with --cuda-rehearsal)
-    channels_last: bool = True  # channels-last memory format on CUDA (on the CPU only with --cuda-rehearsal)
-    cuda_rehearsal: bool = False  # on the CPU, run the step as on CUDA: --amp and --channels-last apply there too
+    amp: bool = True  # bf16 autocast on CUDA (on the CPU only with --cpu-amp or --cuda-rehearsal)
+    channels_last: bool = True  # channels-last memory format of images and convolutions (CUDA and CPU)
+    cuda_rehearsal: bool = False  # on the CPU, run the step as on CUDA: --amp applies there too
+    cpu_amp: bool = False  # bf16 autocast on the CPU too: opt-in (a precision change); needs bf16 instructions
     synthetic_steps: int = 20  # steps per epoch with --data synthetic
     max_steps: int = 0  # stop after this many steps in all (0: no limit); for benchmarks and smoke runs
     # --- evaluation and logging
@@ -133,6 +134,7 @@ _APPLIES: dict[str, tuple[str, typing.Callable[[Config], bool]]] = {
     "val": ("--data PATH.beton", lambda c: c.data not in (*NAMED_SOURCES, "synthetic")),
     "workers": ("a .beton or a named source (not --data synthetic)", lambda c: c.data != "synthetic"),
     "synthetic_steps": ("--data synthetic", lambda c: c.data == "synthetic"),
+    "cpu_amp": ("--amp true", lambda c: c.amp),
     **{k: ("a .beton or a named source (not --data synthetic)", lambda c: c.data != "synthetic")
        for k in ("resident", "resident_max_mb")},
 }

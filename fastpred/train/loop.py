@@ -45,6 +45,9 @@ class Trainer(Learner):
         torch.set_num_threads(self.threads.torch_threads)
         self.sources = train_data.Sources(dataclasses.replace(cfg, workers=self.threads.workers), rank=rank,
                                           world_size=world_size, device=device)
+        # Again: FFCV, imported above to read the .beton, sets torch's count to 1 at import (fastpred's own imports
+        # of it put the count back; this holds whatever imported it first).
+        torch.set_num_threads(self.threads.torch_threads)
         super().__init__(cfg, rank=rank, world_size=world_size, device=device, num_classes=self._num_classes(),
                          steps_per_epoch=len(self.sources.train_views))
         self.epoch = 0
