@@ -143,7 +143,6 @@ def fastpred_system(p: Protocol, extra: str, images: torch.Tensor, labels: torch
     sec.hook(learner.online.projector, "online projector+predictor fwd")
     if learner.online.predictor is not None:
         sec.hook(learner.online.predictor, "online projector+predictor fwd")
-    sec.hook(learner.target, "target fwd")
     sec.hook(learner.target.backbone, "target fwd")
     sec.hook(learner.target.projector, "target fwd")
     sec.wrap(learner.optimizer, "step", "optimizer")
