@@ -223,3 +223,24 @@ def test_byol_augment(benchmark, impl):
         device=device,
         note="images/s counts image pairs (two views each)",
     )
+
+
+# Fashion-MNIST's 60,000 training images (needs dataset-fashion-mnist): fastpred's two-view loader, stock FFCV with
+# one view, torchvision per sample, and the device-resident views, 1 and 2 threads (`python -m bench.loaders_fmnist`
+# prints the same as a table). One epoch per round after a warm-up epoch, which pays FFCV's numba compilation.
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("impl", ["fastpred_loader", "ffcv_one_view", "torchvision", "fastpred_resident"])
+def test_fmnist_loaders(benchmark, impl, threads):
+    pytest.importorskip("ffcv")
+    from bench import loaders_fmnist
+    from fastpred.data.errors import DataError
+
+    try:
+        loaders_fmnist.betons()
+    except DataError as e:
+        pytest.skip(f"no Fashion-MNIST: {e}")
+    epoch = loaders_fmnist.make_epoch(impl, threads)
+    n = benchmark.pedantic(epoch, rounds=1, warmup_rounds=1, iterations=1)
+    benchmark.extra_info.update(images_per_s=n / benchmark.stats.stats.mean, images=n, threads=threads,
+                                views=loaders_fmnist.VIEWS.get(impl, 2), batch=loaders_fmnist.BATCH,
+                                res=loaders_fmnist.RES, device="cpu", load_average=os.getloadavg()[0])

@@ -202,3 +202,51 @@ def test_a_trainer_start_validates_each_file_once(tmp_path, cache, monkeypatch):
             assert trainer.probe.head.out_features == 10  # the class count, from the probes' labels
     finally:
         torch.set_num_threads(threads)
+
+
+class _SlowViews:
+    """The run's training views, each batch arriving DELAY_S later: a loader slower than the step."""
+
+    DELAY_S = 0.05
+
+    def __init__(self, views):
+        self.views = views
+
+    def __len__(self):
+        return len(self.views)
+
+    def set_epoch(self, epoch, skip_batches=0):
+        self.views.set_epoch(epoch, skip_batches)
+
+    def __iter__(self):
+        for batch in self.views:
+            time.sleep(self.DELAY_S)
+            yield batch
+
+
+def test_data_wait_share_counts_the_wait_for_each_batch(tmp_path, cache, monkeypatch, capsys):
+    from fastpred.train import data as train_data
+
+    monkeypatch.setenv("FASTPRED_CACHE", cache)
+    build = train_data.Sources.__init__
+
+    def slow_sources(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        self.train_views = _SlowViews(self.train_views)
+
+    monkeypatch.setattr(train_data.Sources, "__init__", slow_sources)
+    run = tmp_path / "run"
+    assert main(["--proj-dim", "16", "--batch-size", "64", "--max-steps", "6", "--log-every", "2", "--knn-every", "0",
+                 "--final-probe", "false", "--progress", "plain", "--out", str(run)]) == 0
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [2, 4, 6]
+    last_step, last_time = 0, 0.0
+    for r in train:
+        assert 0 <= r["data_wait_share"] <= 1
+        # The interval waited at least its steps' delays: share x the interval's wall time covers them.
+        waited = r["data_wait_share"] * (r["time_s"] - last_time)
+        assert waited >= (r["step"] - last_step) * _SlowViews.DELAY_S * 0.999, r
+        last_step, last_time = r["step"], r["time_s"]
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(printed) == 3 and all(" data " in line and "%" in line for line in printed)

@@ -73,11 +73,13 @@ class RunLog:
         bar = self._bar
         if bar is not None:
             bar.update(record["step"] - bar.n)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_sec']:.0f}", refresh=False)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_sec']:.0f}",
+                            data=f"{record['data_wait_share']:.0%}", refresh=False)
         else:
             probe = record["online_probe_acc"]
             print(f"step {record['step']:>7}  epoch {record['epoch']:7.2f}  loss {record['loss']:.4f}  "
-                  f"lr {record['lr']:.4g}  {record['images_per_sec']:8.0f} img/s  std {record['output_std']:.3f}"
+                  f"lr {record['lr']:.4g}  {record['images_per_sec']:8.0f} img/s  "
+                  f"data {record['data_wait_share']:4.0%}  std {record['output_std']:.3f}"
                   + (f"  probe {probe:.3f}" if probe is not None else ""), flush=True)
 
     def say(self, message: str) -> None:

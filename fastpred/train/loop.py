@@ -95,11 +95,16 @@ class Trainer(Learner):
         views = self.sources.train_views
         start = time.perf_counter()
         last_log_images, last_log_time, last_log_step = self.images_seen, self.train_time, self.step
+        # Host seconds the interval's steps waited for their batch: the loader's next() (FFCV's queue and the copy),
+        # or the resident views' construction (on the CPU, the crops themselves). perf_counter only, no device sync:
+        # on CUDA it is the host's wait, which overlaps the device's work still queued.
+        data_wait = 0.0
         self.guard.start()
         while self.epoch < cfg.epochs and not self._done():
             views.set_epoch(self.epoch, self.batch_in_epoch)
-            t0 = time.perf_counter()
+            t0 = ready = time.perf_counter()
             for x1, x2, y in views:
+                data_wait += time.perf_counter() - ready
                 self.train_step(x1, x2, y)
                 self.guard.after_step(self.health_count("nonfinite_loss"))
                 self.images_seen += self.global_batch
@@ -109,11 +114,15 @@ class Trainer(Learner):
                 if not log_due and self.stops.check_due(self.step):  # under torchrun, between log intervals
                     stop_here = self.stops.agreed(self.step)
                 if log_due or stop_here:
-                    values = self._read_accumulators(time.perf_counter() - t0)  # waits for the device
+                    values = self._read_accumulators(time.perf_counter() - t0, data_wait)  # waits for the device
                     self.train_time += time.perf_counter() - t0
                     record = self._interval_record(values)
                     interval = self.train_time - last_log_time
                     record["images_per_sec"] = (self.images_seen - last_log_images) / max(interval, 1e-9)
+                    # The processes' mean wait over the interval's wall time (the same on every process: the
+                    # accumulators' read ends every interval together).
+                    record["data_wait_share"] = values["data_wait_s"] / self.world_size / max(interval, 1e-9)
+                    data_wait = 0.0
                     self.stops.plan(values["interval_s"] / self.world_size / max(self.step - last_log_step, 1),
                                     values["save_s"] / self.world_size, cfg.log_every)
                     last_log_images, last_log_time, last_log_step = self.images_seen, self.train_time, self.step
@@ -131,6 +140,7 @@ class Trainer(Learner):
                     t0 = time.perf_counter()  # evaluation and checkpoints are not training time
                 if self._done():
                     break
+                ready = time.perf_counter()
         self.log.end_progress()
         self._save_checkpoint()  # skipped when the last epoch's has just been written
         # A request that came after the last interval's check must not wait for the final evaluation.
@@ -142,22 +152,23 @@ class Trainer(Learner):
     def _done(self) -> bool:
         return bool(self.cfg.max_steps) and self.step >= self.cfg.max_steps
 
-    def _read_accumulators(self, interval_s: float) -> dict[str, float]:
+    def _read_accumulators(self, interval_s: float, data_wait_s: float = 0.0) -> dict[str, float]:
         acc = self._acc
         if self.stops.requested:
             acc[HEALTH.index("stop")] = 1.0
         # Whether a parameter or buffer is non-finite rides along: one fused reduction, read with the rest. So do
-        # this process's seconds of training in the interval and of its last checkpoint: summed, every process
-        # plans its stop checks from the same numbers.
+        # this process's seconds of training in the interval, of its last checkpoint and of waiting for data:
+        # summed, every process plans its stop checks from the same numbers.
         modules = [self.online] if self.target is None else [self.online, self.target]
         finite = all_finite(itertools.chain.from_iterable(
             itertools.chain(m.parameters(), m.buffers()) for m in modules), self.device)
-        times = torch.tensor([interval_s, self._save_s], dtype=acc.dtype, device=acc.device)
+        times = torch.tensor([interval_s, self._save_s, data_wait_s], dtype=acc.dtype, device=acc.device)
         packed = torch.cat([acc, (~finite).to(acc.dtype).reshape(1), times])
         if self.world_size > 1:
             with distributed.waiting(f"the other processes at the log interval of step {self.step}"):
                 dist.all_reduce(packed)  # sums over ranks; also how every rank learns that one was asked to stop
-        values = dict(zip((*HEALTH, "nonfinite_model", "interval_s", "save_s"), packed.tolist(), strict=True))
+        values = dict(zip((*HEALTH, "nonfinite_model", "interval_s", "save_s", "data_wait_s"), packed.tolist(),
+                          strict=True))
         values["nonfinite_run"] = self.guard.read_run(values["nonfinite_loss"], self.world_size)
         self._acc = torch.zeros_like(acc)
         return values

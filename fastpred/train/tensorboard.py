@@ -22,6 +22,7 @@ TAGS = {
     "output_std": "health/output_std",
     "effective_rank": "health/effective_rank",
     "images_per_sec": "speed/images_per_sec",
+    "data_wait_share": "speed/data_wait_share",
     "linear_probe_acc": "eval/linear_probe_acc",
     "linear_probe_acc_random_init": "eval/linear_probe_acc_random_init",
 }
