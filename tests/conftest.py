@@ -13,6 +13,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (the README's test command runs two workers) each worker takes its share of the cores for torch's
+# own threads: OpenMP threads that outnumber the cores wait on each other at every small op (see one_torch_thread).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 # Helpers shared by test modules (e.g. `contract`) are imported by name; pytest's importlib mode
 # does not put this folder on sys.path by itself.
 sys.path.insert(0, os.path.dirname(__file__))
