@@ -336,3 +336,34 @@ def test_sigterm_leaves_no_partial_file(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == ["error: interrupted (SIGTERM); nothing written"]
     assert leftovers(tmp_path, "terminated") == [] and mp.active_children() == []
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main gives the handler back
+
+
+_FORK_WINDOW = r"""
+import multiprocessing as mp, os, signal, sys, time
+from fastpred.data.write import _start
+
+def child():  # as the writer's _worker begins: its own handlers, then the signals unblocked
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    time.sleep(30)
+
+def parent_handler(signum, frame):
+    raise RuntimeError(f"parent handler ran in process {os.getpid()}")
+
+signal.signal(signal.SIGTERM, parent_handler)
+parent = os.getpid()
+os.register_at_fork(after_in_child=lambda: os.kill(os.getpid(), signal.SIGTERM))  # a SIGTERM in the fork window
+p = mp.get_context("fork").Process(target=child)
+_start([p])
+p.join(20)
+print("parent" if os.getpid() == parent else "child-unwound", p.exitcode if os.getpid() == parent else "", flush=True)
+"""
+
+
+def test_a_signal_in_the_fork_window_waits_for_the_workers_handlers(tmp_path):
+    # A SIGTERM that reaches a worker between fork() and its first line (the clean-up after another worker's bad
+    # image) must end that worker, not run the parent's handler in the child and unwind the parent's write there.
+    script = tmp_path / "fork_window.py"
+    script.write_text(_FORK_WINDOW)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["parent", str(-signal.SIGTERM)], (done.stdout, done.stderr[-2000:])

@@ -116,10 +116,27 @@ def _encode(source, i: int, max_resolution: int | None, jpeg_quality: int, compr
     return IMAGE_MODES["raw"], height, width, image.reshape(-1), label
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _start(processes: list) -> None:
+    """Forks the workers with SIGINT and SIGTERM blocked. A forked child runs this process's Python handlers until
+    _worker replaces them; a SIGTERM from the clean-up (another worker reported a bad image) landing in that window
+    raised _Interrupted inside the child, which then unwound this process's write in the child (seen once under
+    load). Blocked, the signal waits until the worker has its own handlers; here it is delivered after the forks."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        for p in processes:
+            p.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _worker(source, tasks, results, done, metadata_sm, metadata_type, allocator, options, skip_bad):
     """One writer process: encodes the indices it is handed into its own pages of the shared file."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent cleans up
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by the parent across fork(): see _start
     try:
         metadata = np.frombuffer(metadata_sm.buf, dtype=metadata_type)
         image_field, label_field = metadata_type.names  # the writer's fields: image, label
@@ -187,8 +204,7 @@ def _write_pages(source, tmp: Path, page_size: int, workers: int, options: tuple
             tasks.put(None)
         args = (source, tasks, results, done, writer.metadata_sm, writer.metadata_type, allocator, options, skip_bad)
         processes = [ctx.Process(target=_worker, args=args, daemon=True) for _ in range(workers)]
-        for p in processes:
-            p.start()
+        _start(processes)
         allocations, skipped, finished = [], [], 0
         last_done, last_change = -1, time.monotonic()
         while finished < workers:
