@@ -53,36 +53,17 @@ def check_beton(path: str | os.PathLike, fields: dict[str, str]) -> int:
 
 
 def _validate_beton(path: str, fields: dict[str, str]) -> int:
-    require_ffcv()
-    from ffcv.reader import Reader
-    from ffcv.types import CURRENT_VERSION, HeaderType
+    from fastpred.data.beton import read_tables
 
-    size = os.path.getsize(path)
-    not_beton = f"not a .beton file (bad header): {path}"
-    if size < HeaderType.itemsize:
-        raise DataError(not_beton)
-    h = np.fromfile(path, dtype=HeaderType, count=1)[0]
-    page = int(h["page_size"])
-    if (
-        int(h["version"]) != CURRENT_VERSION
-        or not 1 <= int(h["num_fields"]) <= 255
-        or page < 1 << 21
-        or page & (page - 1)
-        or not 0 < int(h["alloc_table_ptr"]) <= size
-    ):
-        raise DataError(not_beton)
-    try:
-        reader = Reader(path)
-    except Exception as e:  # noqa: BLE001 - FFCV raises assorted types for a damaged file
-        raise DataError(f"corrupt .beton {path}: {e}") from None
+    tables = read_tables(path)  # numpy only: no FFCV import to check a file (nor to feed the device-resident path)
     for name, kind in fields.items():
-        if name not in reader.handlers:
-            raise DataError(f"field {name!r} not in {path} (it has: {', '.join(reader.handlers)})")
-        if type(reader.handlers[name]).__name__ != kind:
-            raise DataError(f"field {name!r} in {path} is {type(reader.handlers[name]).__name__}, expected {kind}")
-    if reader.num_samples == 0:
+        if name not in tables.kinds:
+            raise DataError(f"field {name!r} not in {path} (it has: {', '.join(tables.kinds)})")
+        if tables.kinds[name] != kind:
+            raise DataError(f"field {name!r} in {path} is {tables.kinds[name]}, expected {kind}")
+    if tables.num_samples == 0:
         raise DataError(f"empty dataset: {path} has no samples")
-    return int(reader.num_samples)
+    return tables.num_samples
 
 
 def shard_positions(n: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,

@@ -3,7 +3,8 @@ training device, and both views of every image cut there, batched, with no decod
 
 On small sets (the MNIST family at 28 px, CIFAR at 32, STL-10 at 96) FFCV's per-sample decode and its thread are
 pure overhead next to a step that could use every core. Here the images are read once from the .beton (raw pixels
-copied from the bytes FFCV's Reader points at, JPEGs decoded once with OpenCV) and each batch is:
+copied from the file at the pointers of its metadata table, read with numpy by `fastpred.data.beton`, JPEGs
+decoded once with OpenCV) and each batch is:
 
     positions (the loader's shard order) -> gather (B, 3, H, W) -> float -> per-view random resized crop + flip
     (one grid_sample over both views) -> round -> uint8 x1, x2 (B, 3, r, r)
@@ -72,14 +73,12 @@ class SetShape(NamedTuple):
 
 
 def _reader(path: str | os.PathLike, image_field: str, label_field: str):
+    from fastpred.data.beton import read_tables
     from fastpred.data.loader import check_beton
 
     check_beton(path, {image_field: "RGBImageField", label_field: "IntField"})
-    from ffcv.reader import Reader
-
-    reader = Reader(os.fspath(path))
-    names = list(reader.handlers)
-    return reader, f"f{names.index(image_field)}", f"f{names.index(label_field)}"
+    tables = read_tables(path)  # the tables alone, with numpy: FFCV is not imported on this path
+    return tables, tables.column(image_field), tables.column(label_field)
 
 
 def _rows(reader, indices: np.ndarray | None) -> np.ndarray:
@@ -88,7 +87,7 @@ def _rows(reader, indices: np.ndarray | None) -> np.ndarray:
         return np.arange(n)
     indices = np.asarray(indices, dtype=np.int64)
     if indices.size and (indices.min() < 0 or indices.max() >= n):
-        raise DataError(f"indices outside 0..{n - 1} of {reader.file_name}")
+        raise DataError(f"indices outside 0..{n - 1} of {reader.path}")
     return indices
 
 
@@ -105,7 +104,7 @@ def _shape(reader, meta: np.ndarray) -> SetShape:
     sizes = np.unique(np.stack([meta["height"], meta["width"]], 1), axis=0)
     if len(sizes) != 1:
         shown = ", ".join(f"{h}x{w}" for h, w in sizes[:4]) + (", ..." if len(sizes) > 4 else "")
-        raise MixedSizes(f"{reader.file_name} holds images of {len(sizes)} sizes ({shown}); the device-resident "
+        raise MixedSizes(f"{reader.path} holds images of {len(sizes)} sizes ({shown}); the device-resident "
                          "path needs one size (write the .beton at one size, or use --resident off)")
     return SetShape(len(meta), int(sizes[0][0]), int(sizes[0][1]))
 
@@ -114,7 +113,7 @@ def read_set(path: str | os.PathLike, indices: np.ndarray | None = None, *, devi
              image_field: str = "image", label_field: str = "label",
              chunk_bytes: int = 64 * _MIB) -> tuple[torch.Tensor, torch.Tensor]:
     """The images `indices` (default: all) of a .beton as uint8 (N, 3, H, W) and their labels int64 (N,), on
-    `device`, without FFCV's pipeline: raw images are copied from the bytes the Reader's pointers give, JPEGs are
+    `device`, without FFCV: raw images are copied from the bytes the metadata table's pointers give, JPEGs are
     decoded once with OpenCV. The host holds one chunk of `chunk_bytes` at a time, not the set: under DDP every
     process on a node reads the whole set for its own GPU."""
     reader, image_col, label_col = _reader(path, image_field, label_field)
