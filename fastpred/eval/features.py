@@ -108,14 +108,12 @@ def extract_features(
 
 def beton_labels(path: str | os.PathLike, label_field: str = "label") -> np.ndarray:
     """Every image's label (N,) int64, read from the .beton's metadata table without decoding; checks the file."""
+    from fastpred.data.beton import read_tables
     from fastpred.data.loader import check_beton
 
     check_beton(path, {"image": "RGBImageField", label_field: "IntField"})
-    from ffcv.reader import Reader
-
-    reader = Reader(os.fspath(path))
-    column = list(reader.handlers).index(label_field)
-    return np.asarray(reader.metadata[f"f{column}"], dtype=np.int64)
+    tables = read_tables(path)  # numpy only: FFCV is imported when a loader is built, not to read labels
+    return np.asarray(tables.metadata[tables.column(label_field)], dtype=np.int64)
 
 
 class _Shard:
