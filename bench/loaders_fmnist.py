@@ -1,9 +1,10 @@
 """Two views of Fashion-MNIST's 60,000 training images at 28 px, batch 256: how fast each way of loading them goes.
 
-    python -m bench.loaders_fmnist [--threads 1 2] [--device cpu]
+    python -m bench.loaders_fmnist [--threads 1 2] [--device cpu] [--beton TRAIN.beton]
 
 prints a markdown table, one row per loader and thread count: images/s over one full epoch (234 batches, 59,904
-images) after one warm-up epoch (FFCV compiles its pipeline with numba during its first epoch). The loaders, all
+images) after one warm-up epoch (FFCV compiles its pipeline with numba during its first epoch), and the seconds
+each took to set up (the resident path: reading the whole set, decoding any JPEG once). The loaders, all
 with the fashion-mnist preset's crops (random resized crop, scale 0.2 to 1, aspect 3/4 to 4/3, p = 0.5 flip):
 
 - fastpred_loader: `fastpred.data.TwoViewLoader` on the cached raw .beton, two views per decoded image, N FFCV
@@ -16,7 +17,9 @@ with the fashion-mnist preset's crops (random resized crop, scale 0.2 to 1, aspe
 - fastpred_resident: `fastpred.data.resident.ResidentViews`, the path the fashion-mnist preset trains from: the
   set held as one uint8 tensor, both views of a batch cut at once, N torch threads, no loader thread.
 
-The same rows as `pytest bench/test_data_pipeline.py -k fmnist` (pytest-benchmark). Needs dataset-fashion-mnist.
+`--beton` gives the FFCV and resident paths another file of the same images (one written with
+`--compress-probability 1`: the cost of JPEG storage). The same rows as `pytest bench/test_data_pipeline.py -k
+fmnist` (pytest-benchmark). Needs dataset-fashion-mnist.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ BATCH, RES = 256, 28
 SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)  # the fashion-mnist preset's crop_scale
 IMPLS = ("fastpred_loader", "ffcv_one_view", "torchvision", "fastpred_resident")
 VIEWS = {"ffcv_one_view": 1}  # views per image; the others make two
+TRAIN_BETON: str | None = None  # --beton: read instead of the cached raw training .beton
 
 
 def betons() -> tuple[str, str]:
@@ -40,7 +44,7 @@ def betons() -> tuple[str, str]:
     from fastpred.data.named import named_betons
 
     train, test = named_betons("fashion-mnist")
-    return str(train), str(test)
+    return TRAIN_BETON or str(train), str(test)
 
 
 def fastpred_loader(threads: int, device: str = "cpu") -> Callable[[], int]:
@@ -124,21 +128,23 @@ def make_epoch(impl: str, threads: int, device: str = "cpu") -> Callable[[], int
 
 def measure(impl: str, threads: int, device: str = "cpu") -> dict:
     """One warm-up epoch, then one timed epoch: images/s (source images; two views each but for ffcv_one_view)."""
+    start = time.perf_counter()
     epoch = make_epoch(impl, threads, device)
+    setup = time.perf_counter() - start
     epoch()
     start = time.perf_counter()
     n = epoch()
     seconds = time.perf_counter() - start
     return {"impl": impl, "threads": threads, "views": VIEWS.get(impl, 2), "images": n, "seconds": seconds,
-            "images_per_s": n / seconds}
+            "images_per_s": n / seconds, "setup_s": setup}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| loader | threads / workers | views per image | images/s | views/s | epoch (s) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| loader | threads / workers | views per image | images/s | views/s | epoch (s) | set-up (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['impl']} | {r['threads']} | {r['views']} | {r['images_per_s']:,.0f} | "
-                     f"{r['images_per_s'] * r['views']:,.0f} | {r['seconds']:.2f} |")
+                     f"{r['images_per_s'] * r['views']:,.0f} | {r['seconds']:.2f} | {r['setup_s']:.2f} |")
     return "\n".join(lines)
 
 
@@ -147,11 +153,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread / worker counts to run")
     parser.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS), help="loaders to run")
     parser.add_argument("--device", default="cpu", help="where the fastpred paths put their batches")
+    parser.add_argument("--beton", help="training .beton for the FFCV and resident paths (default: the cached raw "
+                        "one; the torchvision path always reads the IDX files)")
     args = parser.parse_args(argv)
     from fastpred.data.errors import DataError
+    from fastpred.data.loader import check_beton
 
+    global TRAIN_BETON
+    TRAIN_BETON = args.beton
     try:
         betons()
+        if args.beton:
+            check_beton(args.beton, {"image": "RGBImageField", "label": "IntField"})
     except DataError as e:
         parser.exit(2, f"error: {e}\n")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

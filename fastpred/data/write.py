@@ -1,7 +1,7 @@
 """Write a .beton from an ImageFolder tree, CIFAR-10 / STL-10 / MNIST-family (IDX) folders, or the embedded digits.
 
     python -m fastpred.data.write SRC OUT.beton [--max-resolution 500] [--jpeg-quality 90]
-        [--compress-probability 0.5] [--workers N] [--split train] [--skip-bad] [--force]
+        [--compress-probability P] [--workers N] [--split train] [--skip-bad] [--force]
 
 FFCV's `DatasetWriter` lays out the file (header, field descriptors, metadata, pages, allocation table), but its
 worker loop is replaced here: FFCV's parent waits for a sample counter that a crashed worker never advances, its
@@ -36,6 +36,13 @@ from fastpred.data.sources import open_source
 # defaults. The shorter side of a 4:3 photo stays at 375 px, above the 224 px training crops and the 256 px
 # resize of evaluation, and ImageNet's own photos are mostly at or below 500 px already.
 DEFAULT_MAX_RESOLUTION = 500
+DEFAULT_COMPRESS_PROBABILITY = 0.5
+# Small images are stored raw unless --compress-probability is given. Measured on Fashion-MNIST at 28 px (two seeds,
+# docs/benchmarks.md): all-JPEG at quality 90 costs no probe accuracy, so accuracy decides nothing; speed does. Raw
+# pixels load with a copy: the two-view loader ran 2x faster on them (one thread) and the device-resident path
+# read them with an eighth of the CPU time. JPEG's one gain, half the file, is worth little for sets this small
+# (CIFAR-10's 50,000 images are 150 MB raw), which the resident path holds in memory anyway.
+SMALL_RAW_SIDE = 64
 MIN_PAGE_SIZE = 1 << 23  # FFCV's default page (8 MiB); pages grow in powers of two to hold the largest raw image
 MAX_PAGE_SIZE = 1 << 32  # FFCV stores the page size as uint32
 MAX_SIDE = (1 << 16) - 1  # FFCV stores heights and widths as uint16
@@ -82,7 +89,7 @@ def page_size_for(max_resolution: int | None, max_pixels: int | None) -> int:
     return page
 
 
-def _encode(source, i: int, max_resolution: int | None, jpeg_quality: int, compress_probability: float,
+def _encode(source, i: int, max_resolution: int | None, jpeg_quality: int, compress_probability: float | None,
             page_size: int):
     """Reads image i and returns (mode, height, width, bytes to store, label); raises _BadImage."""
     from ffcv.fields.rgb_image import IMAGE_MODES, encode_jpeg, resizer
@@ -105,6 +112,8 @@ def _encode(source, i: int, max_resolution: int | None, jpeg_quality: int, compr
         raise _BadImage("store", where, f"{height}x{width} is above .beton's {MAX_SIDE} pixels a side; "
                                         "pass --max-resolution")
     raw_fits = image.nbytes <= page_size
+    if compress_probability is None:  # the default: by size
+        compress_probability = 0.0 if max(height, width) <= SMALL_RAW_SIDE else DEFAULT_COMPRESS_PROBABILITY
     draw = np.random.default_rng((_COMPRESS_SALT, i)).random()
     if draw < compress_probability or not raw_fits:
         data = encode_jpeg(image, jpeg_quality)
@@ -297,7 +306,7 @@ def write_beton(
     *,
     max_resolution: int | None = DEFAULT_MAX_RESOLUTION,
     jpeg_quality: int = 90,
-    compress_probability: float = 0.5,
+    compress_probability: float | None = None,
     workers: int = -1,
     force: bool = False,
     skip_bad: bool = False,
@@ -307,11 +316,12 @@ def write_beton(
 
     Images are shrunk so that the longer side is at most `max_resolution` (None or 0: kept as they are), then
     stored as JPEG with probability `compress_probability` (drawn per image index, so the same source gives the
-    same choices), as raw pixels otherwise. Pages are sized so that every image fits raw; a JPEG larger than
-    its raw pixels is stored raw. The file appears atomically, or not at all. With `skip_bad`, images that
-    cannot be read are left out and listed, with the reason, in `OUT.skipped.txt`; otherwise the first one is a
-    DataError. A write in which no worker finishes an image for `stall_timeout` seconds ends with Stalled (a
-    DataError), nothing written. Returns the number of images written.
+    same choices), as raw pixels otherwise. By default (None) an image whose longer side is at most SMALL_RAW_SIDE
+    (64) pixels is stored raw and a larger one as JPEG with probability 0.5. Pages are sized so that every image
+    fits raw; a JPEG larger than its raw pixels is stored raw. The file appears atomically, or not at all. With
+    `skip_bad`, images that cannot be read are left out and listed, with the reason, in `OUT.skipped.txt`;
+    otherwise the first one is a DataError. A write in which no worker finishes an image for `stall_timeout`
+    seconds ends with Stalled (a DataError), nothing written. Returns the number of images written.
     """
     require_ffcv()
     out = Path(out)
@@ -323,7 +333,7 @@ def write_beton(
         raise DataError(f"output folder does not exist: {out.parent}")
     if len(source) == 0:
         raise DataError(f"empty dataset: {getattr(source, 'name', source)} has no images")
-    if not 0.0 <= compress_probability <= 1.0:
+    if compress_probability is not None and not 0.0 <= compress_probability <= 1.0:
         raise DataError(f"--compress-probability must be in [0, 1], got {compress_probability}")
     if not 1 <= jpeg_quality <= 100:
         raise DataError(f"--jpeg-quality must be in [1, 100], got {jpeg_quality}")
@@ -336,7 +346,7 @@ def write_beton(
         max_pixels = source.max_pixels()  # ImageFolder: one header read per file
     page_size = page_size_for(max_resolution, max_pixels)
     workers = min(workers if workers > 0 else (os.cpu_count() or 1), len(source))
-    options = (max_resolution or None, jpeg_quality, float(compress_probability), page_size)
+    options = (max_resolution or None, jpeg_quality, compress_probability, page_size)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     skipped_list = out.with_name(out.name + ".skipped.txt")
     tmp_list = skipped_list.with_name(f".{skipped_list.name}.tmp{os.getpid()}")
@@ -403,8 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality, 1..100 (default 90)")
     p.add_argument(
-        "--compress-probability", type=float, default=0.5,
-        help="probability that an image is stored as JPEG rather than raw pixels (default 0.5; 1 = all JPEG)",
+        "--compress-probability", type=float, default=None,
+        help=f"probability that an image is stored as JPEG rather than raw pixels (1 = all JPEG; default: raw for "
+        f"images of at most {SMALL_RAW_SIDE} px a side, {DEFAULT_COMPRESS_PROBABILITY} for larger ones)",
     )
     p.add_argument("--workers", type=int, default=-1, help="writer processes (default: all cores)")
     p.add_argument(
