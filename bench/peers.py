@@ -506,6 +506,34 @@ def probe_at(row: dict, t: float) -> float | None:
     return held[-1] if held else None
 
 
+def equal_time_leads(rows: list[dict], system: str = "fastpred") -> list[str]:
+    """For each peer run and the `system` run of the same seed: `system`'s probe minus the peer's at every wall-clock
+    time where both have saved a backbone (the times of either's points), its smallest value and where, and the
+    interval in which only the peer holds one (it saved its first backbone earlier). One line per pair."""
+    mine = {r["seed"]: r for r in rows if r["system"] == system}
+    lines = []
+    for peer in sorted((r for r in rows if r["system"] != system), key=lambda r: (r["system"], r["aug"], r["seed"])):
+        own = mine.get(peer["seed"])
+        if own is None:
+            continue
+        times = sorted({pt["wall_s"] for pt in own["points"] + peer["points"]})
+        diffs = [(probe_at(own, t) - probe_at(peer, t), t) for t in times
+                 if probe_at(own, t) is not None and probe_at(peer, t) is not None]
+        alone = [t for t in times if probe_at(own, t) is None and probe_at(peer, t) is not None]
+        name = f"{peer['system']} ({peer['aug']}), seed {peer['seed']}"
+        if not diffs:
+            lines.append(f"{system} against {name}: no time at which both hold a backbone")
+            continue
+        worst, at = min(diffs)
+        verdict = "ahead at every time both hold a backbone" if worst > 0 else "not ahead at every time"
+        line = f"{system} against {name}: {verdict} (smallest lead {worst:+.3f} at {at:.0f} s)"
+        if alone:
+            first = min(pt["wall_s"] for pt in own["points"])
+            line += f"; only {peer['system']} holds one from {alone[0]:.0f} s to {first:.0f} s"
+        lines.append(line)
+    return lines
+
+
 def table(rows: list[dict]) -> str:
     """Markdown: one line per (system, augmentation), medians and ranges over seeds."""
     groups: dict[tuple, list[dict]] = {}
@@ -642,6 +670,8 @@ def main(argv: list[str] | None = None) -> int:
             print(table(rows))
             inits = ", ".join(f"{v:.3f} (seed {k})" for k, v in base["random_init"].items())
             print(f"untrained: random init {inits}; raw pixels {base['raw_pixels']:.3f}")
+            for line in equal_time_leads(rows):
+                print(line)
             if args.figure:
                 figure(rows, Path(args.figure), base)
                 print(f"figure: {args.figure}")

@@ -46,3 +46,20 @@ def test_peer_run(benchmark, system, probe_data, tmp_path):
          "protocol": dataclasses.asdict(SUBSET)})
     assert len(points) == SUBSET.epochs and summary["steady_img_s"] > 0
     assert points[-1]["probe"] > 0.3  # ten classes: chance is 0.1, raw pixels give ~0.75
+
+
+def test_equal_time_leads():
+    """The probe comparison at equal wall-clock times: each run holds the probe of its last saved backbone."""
+
+    def row(system, seed, points):
+        return {"system": system, "aug": "docs", "seed": seed,
+                "points": [{"wall_s": t, "probe": p} for t, p in points]}
+
+    ahead = [row("fastpred", 0, [(40, 0.83), (80, 0.84)]), row("byol-pytorch", 0, [(39, 0.82), (76, 0.825)])]
+    assert peers.equal_time_leads(ahead) == [
+        "fastpred against byol-pytorch (docs), seed 0: ahead at every time both hold a backbone (smallest lead "
+        "+0.005 at 76 s); only byol-pytorch holds one from 39 s to 40 s"]
+    behind = [row("fastpred", 1, [(40, 0.83), (80, 0.84)]), row("lightly", 1, [(50, 0.80), (70, 0.85)])]
+    assert peers.equal_time_leads(behind) == [
+        "fastpred against lightly (docs), seed 1: not ahead at every time (smallest lead -0.020 at 70 s)"]
+    assert peers.equal_time_leads([row("lightly", 2, [(50, 0.8)])]) == []  # no fastpred run of that seed
