@@ -517,9 +517,9 @@ def equal_time_leads(rows: list[dict], system: str = "fastpred") -> list[str]:
         if own is None:
             continue
         times = sorted({pt["wall_s"] for pt in own["points"] + peer["points"]})
-        diffs = [(probe_at(own, t) - probe_at(peer, t), t) for t in times
-                 if probe_at(own, t) is not None and probe_at(peer, t) is not None]
-        alone = [t for t in times if probe_at(own, t) is None and probe_at(peer, t) is not None]
+        held = [(t, probe_at(own, t), probe_at(peer, t)) for t in times]
+        diffs = [(mine_t - theirs, t) for t, mine_t, theirs in held if mine_t is not None and theirs is not None]
+        alone = [t for t, mine_t, theirs in held if mine_t is None and theirs is not None]
         name = f"{peer['system']} ({peer['aug']}), seed {peer['seed']}"
         if not diffs:
             lines.append(f"{system} against {name}: no time at which both hold a backbone")

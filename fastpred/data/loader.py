@@ -45,14 +45,31 @@ def check_beton(path: str | os.PathLike, fields: dict[str, str]) -> int:
     per process: the split, the loaders and the probes of a run all ask, and opening a large file's tables takes
     seconds; a file replaced or rewritten since (another inode, size or modification time) is validated again."""
     path = _check_path(path)
-    stat = os.stat(path)
-    key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, tuple(sorted(fields.items())))
+    key = _file_key(path, fields)
     if key not in _VALIDATED:
-        _VALIDATED[key] = _validate_beton(path, fields)
+        _VALIDATED[key] = _validate_beton(path, fields).num_samples
     return _VALIDATED[key]
 
 
-def _validate_beton(path: str, fields: dict[str, str]) -> int:
+def checked_tables(path: str | os.PathLike, fields: dict[str, str]):
+    """`check_beton`, returning the file's tables (`fastpred.data.beton.BetonTables`) for a caller that reads them
+    (the device-resident path, the probes' labels): one read of the file, validated there if this process has not
+    yet done so. The tables are not kept: at ImageNet size every rank would hold ~100 MB of them for the run."""
+    from fastpred.data.beton import read_tables
+
+    path = _check_path(path)
+    key = _file_key(path, fields)
+    tables = read_tables(path) if key in _VALIDATED else _validate_beton(path, fields)
+    _VALIDATED[key] = tables.num_samples
+    return tables
+
+
+def _file_key(path: str, fields: dict[str, str]) -> tuple:
+    stat = os.stat(path)
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, tuple(sorted(fields.items())))
+
+
+def _validate_beton(path: str, fields: dict[str, str]):
     from fastpred.data.beton import read_tables
 
     tables = read_tables(path)  # numpy only: no FFCV import to check a file (nor to feed the device-resident path)
@@ -63,7 +80,7 @@ def _validate_beton(path: str, fields: dict[str, str]) -> int:
             raise DataError(f"field {name!r} in {path} is {tables.kinds[name]}, expected {kind}")
     if tables.num_samples == 0:
         raise DataError(f"empty dataset: {path} has no samples")
-    return tables.num_samples
+    return tables
 
 
 def shard_positions(n: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,

@@ -73,11 +73,10 @@ class SetShape(NamedTuple):
 
 
 def _reader(path: str | os.PathLike, image_field: str, label_field: str):
-    from fastpred.data.beton import read_tables
-    from fastpred.data.loader import check_beton
+    from fastpred.data.loader import checked_tables
 
-    check_beton(path, {image_field: "RGBImageField", label_field: "IntField"})
-    tables = read_tables(path)  # the tables alone, with numpy: FFCV is not imported on this path
+    # The tables alone, read with numpy: FFCV is not imported on this path.
+    tables = checked_tables(path, {image_field: "RGBImageField", label_field: "IntField"})
     return tables, tables.column(image_field), tables.column(label_field)
 
 

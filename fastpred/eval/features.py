@@ -108,11 +108,10 @@ def extract_features(
 
 def beton_labels(path: str | os.PathLike, label_field: str = "label") -> np.ndarray:
     """Every image's label (N,) int64, read from the .beton's metadata table without decoding; checks the file."""
-    from fastpred.data.beton import read_tables
-    from fastpred.data.loader import check_beton
+    from fastpred.data.loader import checked_tables
 
-    check_beton(path, {"image": "RGBImageField", label_field: "IntField"})
-    tables = read_tables(path)  # numpy only: FFCV is imported when a loader is built, not to read labels
+    # numpy only: FFCV is imported when a loader is built, not to read labels.
+    tables = checked_tables(path, {"image": "RGBImageField", label_field: "IntField"})
     return np.asarray(tables.metadata[tables.column(label_field)], dtype=np.int64)
 
 
