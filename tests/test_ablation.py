@@ -41,3 +41,32 @@ def test_pixel_baselines_on_the_digits_are_cached(tmp_path):
     stored["knn"]["accuracy"] = -1.0  # a cached result is reused, not recomputed
     cache.write_text(json.dumps(stored))
     assert pixel_baselines.measure("digits", ["knn"], cache=cache)["knn"]["accuracy"] == -1.0
+
+
+def _finished_row(folder, args):
+    """A row's folder as a finished run of `args` leaves it (the trainer's config, a checkpoint, a summary)."""
+    from fastpred.train import config as train_config
+
+    cfg = train_config.resolve(vars(train_config.build_parser().parse_args(args)))
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(train_config.to_json(cfg))
+    (folder / "checkpoint.pt").write_bytes(b"")
+    (folder / "summary.json").write_text(json.dumps({"epochs": cfg.epochs, "steps": 7, "linear_probe_acc": 0.5}))
+
+
+def test_finished_rows_are_read_and_another_runs_folder_is_refused(tmp_path, monkeypatch, capsys):
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished row was trained again")
+
+    monkeypatch.setattr(ablation.subprocess, "run", no_training)
+    row = ["--data", "digits", "--preset", "digits", "--method", "byol", "--predictor", "mlp", "--epochs", "1",
+           "--seed", "0", "--progress", "plain", "--out", str(tmp_path / "byol-mlp-s0"), "--auto-resume"]
+    _finished_row(tmp_path / "byol-mlp-s0", row)
+    assert ablation.main(["--only", "byol-mlp", "--seeds", "0", "--epochs", "1", "--out", str(tmp_path)]) == 0
+    assert "| byol-mlp | 0.500 |" in capsys.readouterr().out
+    # The same folder asked for with another backbone (as after a preset's change): refused, not read as the row.
+    assert ablation.main(["--only", "byol-mlp", "--seeds", "0", "--epochs", "1", "--out", str(tmp_path),
+                          "--backbone", "small_cnn_512"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out") and "backbone is 'small_cnn' there, 'small_cnn_512' here" in err
+    assert len(err.strip().splitlines()) == 1

@@ -76,7 +76,7 @@ def _run(given: dict) -> int:
     if given.get("auto_resume"):
         if "resume" in given:
             raise train_config.ConfigError("--auto-resume starts or continues the run in --out DIR; drop --resume")
-        how, given = _auto_resume(given)
+        how, given = auto_resume_plan(given)
         if how == "finished":
             return 0
     elif "resume" in given:
@@ -148,11 +148,12 @@ def _saved_config(run: RunDir) -> train_config.Config:
         raise RunError(f"cannot read {run.path / 'config.json'}: {str(e).splitlines()[0]}") from None
 
 
-def _auto_resume(given: dict) -> tuple[str, dict]:
+def auto_resume_plan(given: dict, *, say: bool = True) -> tuple[str, dict]:
     """What --auto-resume --out DIR does, decided by every process before any of them writes: start a new run
     (DIR holds none), continue it through the --resume path (DIR holds this run), start it again in place (this
     run, killed before its first checkpoint), or nothing (this run has finished). A different run in DIR, or
-    this run ended by a divergence, is refused."""
+    this run ended by a divergence, is refused. `say`: print the line about a finished run (the ablation, which
+    asks this of every row, does not)."""
     cfg = train_config.resolve(given)
     if not cfg.out:
         raise train_config.ConfigError("--auto-resume needs --out DIR: the folder to start the run in or continue it")
@@ -176,8 +177,8 @@ def _auto_resume(given: dict) -> tuple[str, dict]:
     if not (run.path / "checkpoint.pt").is_file():
         return "restart", given
     if summary := run.finished(cfg.epochs, cfg.max_steps):
-        if os.environ.get("RANK", "0") == "0":
-                print(f"run folder {run.path}: this run has finished ({summary.get('steps')} steps, summary.json); "
+        if say and os.environ.get("RANK", "0") == "0":
+            print(f"run folder {run.path}: this run has finished ({summary.get('steps')} steps, summary.json); "
                   "nothing to do", flush=True)
         return "finished", given
     # This command's own values of what a resume may change (--max-steps, --workers, ...), given or not.

@@ -1,12 +1,14 @@
 """python -m fastpred.train.ablation [--data digits|fashion-mnist] [--seeds 0 1 2] [--out DIR] [--only NAME ...]
+[--epochs N] [--backbone NAME]
 
 The paper's central ablation on a named data set, over several seeds: every (method, predictor) pair that the
 paper compares, and on the digits also the trained heads with the official DirectPred code's predictor settings
 (a symmetric linear head, the predictor's own learning rate). Each run is `python -m fastpred.train` with the data
 set's preset (`--preset NAME` where one exists, else the digits preset) and the row's flags, in its own process,
-to `OUT/NAME-sSEED`, with `--auto-resume`: a run whose summary.json exists is not run again, and one that was
+to `OUT/NAME-sSEED`, with `--auto-resume`: a finished run is not run again, and one that was
 stopped (a session's end, Ctrl-C) continues from its last checkpoint, so the ablation resumes row by row and
-within a row. `--epochs` gives the table a shorter schedule than the preset's (the table says so).
+within a row; a row's folder that holds another run (another backbone or schedule) is refused, not read.
+`--epochs` gives the table a shorter schedule than the preset's, `--backbone` another backbone (the table says so).
 `--pixel-baselines` adds the raw-pixel classifiers of `fastpred.train.pixel_baselines` on the same split.
 Prints a markdown table, mean and spread (min to max) over the seeds, and writes it to OUT/table.md.
 """
@@ -73,13 +75,25 @@ def preset_for(data: str) -> str:
 def run_one(name: str, flags: list[str], seed: int, out: Path, *, data: str = "digits",
             extra: list[str] = ()) -> dict:
     folder = out / f"{name}-s{seed}"
-    summary = folder / "summary.json"
-    if not summary.exists():
-        cmd = [sys.executable, "-m", "fastpred.train", "--data", data, "--preset", preset_for(data), *flags,
-               *extra, "--seed", str(seed), "--progress", "plain", "--out", str(folder), "--auto-resume"]
+    args = ["--data", data, "--preset", preset_for(data), *flags, *extra, "--seed", str(seed), "--progress", "plain",
+            "--out", str(folder), "--auto-resume"]
+    if not finished(args):
+        cmd = [sys.executable, "-m", "fastpred.train", *args]
         print(f"running {name} seed {seed}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return json.loads(summary.read_text())
+    return json.loads((folder / "summary.json").read_text())
+
+
+def finished(args: list[str]) -> bool:
+    """The trainer's own --auto-resume decision on a row, taken in this process (no interpreter start per finished
+    row): True when the row's folder holds this very run, finished. A folder that holds another run (the preset's
+    backbone changed since, another --epochs) raises the trainer's one-line error instead of being read as this
+    row."""
+    from fastpred.train import config as train_config
+    from fastpred.train.__main__ import auto_resume_plan
+
+    how, _ = auto_resume_plan(vars(train_config.build_parser().parse_args(args)), say=False)
+    return how == "finished"
 
 
 def cell(values: list[float], digits: int) -> str:
@@ -105,7 +119,10 @@ def table(results: dict[str, list[dict]], baselines: dict[str, dict] | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fastpred.core.models import BACKBONES
     from fastpred.data.named import NAMED_SOURCES
+    from fastpred.train.config import ConfigError
+    from fastpred.train.run_dir import Diverged, RunError
 
     parser = argparse.ArgumentParser(prog="python -m fastpred.train.ablation", description=__doc__.split("\n\n")[1])
     parser.add_argument("--data", default="digits", choices=sorted(NAMED_SOURCES), help="a named data set")
@@ -113,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="default runs/ablation (digits), runs/ablation-DATA")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these rows (see --list)")
     parser.add_argument("--epochs", type=int, default=None, help="a shorter schedule than the preset's")
+    parser.add_argument("--backbone", choices=BACKBONES, default=None, help="another backbone than the preset's")
     parser.add_argument("--pixel-baselines", action="store_true", help="add scikit-learn's raw-pixel classifiers")
     parser.add_argument("--list", action="store_true", help="print the rows and their flags, run nothing")
     args = parser.parse_args(argv)
@@ -130,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or Path("runs/ablation" if args.data == "digits" else f"runs/ablation-{args.data}")
     extra = ["--epochs", str(args.epochs)] if args.epochs is not None else []
+    extra += ["--backbone", args.backbone] if args.backbone else []
     try:
         results = {name: [run_one(name, grid[name], seed, out, data=args.data, extra=extra) for seed in args.seeds]
                    for name in chosen_names}
@@ -137,12 +156,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: a run failed (exit {e.returncode}): {' '.join(e.cmd[2:])}; finished rows are kept, the same "
               "command continues", file=sys.stderr)
         return 1
+    except (ConfigError, RunError, Diverged) as e:  # a row's folder that cannot be this row (the trainer's checks)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     baselines = None
     if args.pixel_baselines:
         from fastpred.train.pixel_baselines import measure
 
         baselines = measure(args.data, cache=out / "pixel-baselines.json")
     schedule = f"{args.epochs} epochs (shorter than the preset's)" if args.epochs else "the preset's schedule"
+    schedule += f", backbone {args.backbone}" if args.backbone else ""
     text = (f"{args.data}, preset {preset_for(args.data)}, {schedule}; seeds {' '.join(map(str, args.seeds))}: "
             f"mean (min-max)\n\n{table(results, baselines)}\n")
     print(text)
