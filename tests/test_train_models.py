@@ -8,8 +8,8 @@ from torch import nn
 from fastpred import DirectPredictor, LinearPredictor, MLPPredictor, OffDiagonalPredictor
 from fastpred.core.models import BACKBONES, PREDICTORS, build_backbone, build_predictor, build_projector
 
-FEAT_DIMS = {"small_cnn": 128, "small_cnn_wide": 256, "small_cnn_512": 512, "resnet18_small": 512, "resnet18": 512,
-             "resnet50": 2048}
+FEAT_DIMS = {"small_cnn": 128, "small_cnn_wide": 256, "small_cnn_512": 512, "small_cnn_1024": 1024,
+             "resnet18_small": 512, "resnet18": 512, "resnet50": 2048}
 
 
 @pytest.mark.parametrize("name", BACKBONES)

@@ -13,12 +13,12 @@ from torch import nn
 from fastpred.direct import DirectPredictor
 from fastpred.trained import LinearPredictor, MLPPredictor, OffDiagonalPredictor
 
-BACKBONES = ("small_cnn", "small_cnn_wide", "small_cnn_512", "resnet18_small", "resnet18", "resnet50")
+BACKBONES = ("small_cnn", "small_cnn_wide", "small_cnn_512", "small_cnn_1024", "resnet18_small", "resnet18", "resnet50")
 PREDICTORS = ("directpred", "directcopy", "linear", "mlp", "offdiag", "none")
 
 #: Widths of the small CNNs' conv blocks; the last one is the feature dimension.
 _SMALL_CNN_WIDTHS = {"small_cnn": (32, 64, 128, 128), "small_cnn_wide": (32, 64, 128, 256),
-                     "small_cnn_512": (32, 64, 128, 512)}
+                     "small_cnn_512": (32, 64, 128, 512), "small_cnn_1024": (32, 64, 128, 1024)}
 
 
 def build_backbone(name: str) -> tuple[nn.Module, int]:
@@ -28,8 +28,8 @@ def build_backbone(name: str) -> tuple[nn.Module, int]:
       pool: 128 features, sized so a CPU run on 32x32 digits is quick.
     - ``small_cnn_wide``: the same with a last block of 256 (32-64-128-256): 256 features for about the same
       time (its last block runs at 2x2 at 28 px).
-    - ``small_cnn_512``: a last block of 512 (32-64-128-512): 512 features for 1.4x ``small_cnn_wide``'s
-      backbone time at 28 px; the fashion-mnist preset's backbone.
+    - ``small_cnn_512``, ``small_cnn_1024``: a last block of 512 or 1024 (32-64-128-512, 32-64-128-1024): as
+      many features, for 1.4x or about 2x ``small_cnn_wide``'s backbone time at 28 px.
     - ``resnet18_small``: torchvision's resnet18 with a 3x3 stride-1 stem and no max-pool (the official
       DirectPred CIFAR-10 / STL-10 configuration); 512 features.
     - ``resnet18``, ``resnet50``: torchvision's ImageNet models, randomly initialised; 512 / 2048 features.
