@@ -29,7 +29,8 @@ def build_backbone(name: str) -> tuple[nn.Module, int]:
     - ``small_cnn_wide``: the same with a last block of 256 (32-64-128-256): 256 features for about the same
       time (its last block runs at 2x2 at 28 px).
     - ``small_cnn_512``, ``small_cnn_1024``: a last block of 512 or 1024 (32-64-128-512, 32-64-128-1024): as
-      many features, for 1.4x or about 2x ``small_cnn_wide``'s backbone time at 28 px.
+      many features, for 1.3x or 1.9x ``small_cnn_wide``'s training-step time at 28 px (two CPU cores);
+      ``small_cnn_1024`` is the fashion-mnist preset's backbone.
     - ``resnet18_small``: torchvision's resnet18 with a 3x3 stride-1 stem and no max-pool (the official
       DirectPred CIFAR-10 / STL-10 configuration); 512 features.
     - ``resnet18``, ``resnet50``: torchvision's ImageNet models, randomly initialised; 512 / 2048 features.
