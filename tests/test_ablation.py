@@ -59,9 +59,8 @@ def test_finished_rows_are_read_and_another_runs_folder_is_refused(tmp_path, mon
         raise AssertionError("a finished row was trained again")
 
     monkeypatch.setattr(ablation.subprocess, "run", no_training)
-    row = ["--data", "digits", "--preset", "digits", "--method", "byol", "--predictor", "mlp", "--epochs", "1",
-           "--seed", "0", "--progress", "plain", "--out", str(tmp_path / "byol-mlp-s0"), "--auto-resume"]
-    _finished_row(tmp_path / "byol-mlp-s0", row)
+    folder = tmp_path / "byol-mlp-s0"
+    _finished_row(folder, ablation.row_args(ablation.rows()["byol-mlp"], 0, folder, extra=["--epochs", "1"]))
     assert ablation.main(["--only", "byol-mlp", "--seeds", "0", "--epochs", "1", "--out", str(tmp_path)]) == 0
     assert "| byol-mlp | 0.500 |" in capsys.readouterr().out
     # The same folder asked for with another backbone (as after a preset's change): refused, not read as the row.

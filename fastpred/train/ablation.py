@@ -75,13 +75,18 @@ def preset_for(data: str) -> str:
 def run_one(name: str, flags: list[str], seed: int, out: Path, *, data: str = "digits",
             extra: list[str] = ()) -> dict:
     folder = out / f"{name}-s{seed}"
-    args = ["--data", data, "--preset", preset_for(data), *flags, *extra, "--seed", str(seed), "--progress", "plain",
-            "--out", str(folder), "--auto-resume"]
+    args = row_args(flags, seed, folder, data=data, extra=extra)
     if not finished(args):
         cmd = [sys.executable, "-m", "fastpred.train", *args]
         print(f"running {name} seed {seed}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads((folder / "summary.json").read_text())
+
+
+def row_args(flags: list[str], seed: int, folder: Path, *, data: str = "digits", extra: list[str] = ()) -> list[str]:
+    """The `python -m fastpred.train` arguments of one row and seed, run in `folder`."""
+    return ["--data", data, "--preset", preset_for(data), *flags, *extra, "--seed", str(seed), "--progress", "plain",
+            "--out", str(folder), "--auto-resume"]
 
 
 def finished(args: list[str]) -> bool:
